@@ -1,0 +1,142 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// PortCounters are the exact per-port counts kept in the kernel. They count
+// what happened, whether or not the matching event reached userspace.
+type PortCounters struct {
+	Opened      uint64 // passive opens (handshakes completed)
+	PeerFIN     uint64
+	PeerReset   uint64
+	LocalReset  uint64
+	Retransmits uint64 // successful retransmissions
+	Errors      uint64 // distinct socket errors reported
+	// Closed counts closed connections by Cause (index CauseNone is unused).
+	Closed [NumCauses]uint64
+}
+
+// ClosedTotal is the number of closed connections, whatever the cause.
+func (c *PortCounters) ClosedTotal() uint64 {
+	var n uint64
+	for _, v := range c.Closed {
+		n += v
+	}
+	return n
+}
+
+func (c *PortCounters) add(v *probeCounters) {
+	c.Opened += v.Opened
+	c.PeerFIN += v.PeerFin
+	c.PeerReset += v.PeerReset
+	c.LocalReset += v.LocalReset
+	c.Retransmits += v.Retransmits
+	c.Errors += v.Errors
+	for i := range c.Closed {
+		c.Closed[i] += v.Closed[i]
+	}
+}
+
+// PortCounters returns the counters of every local port that has seen a
+// tracked connection, summed over CPUs.
+func (p *Probe) PortCounters() (map[uint16]PortCounters, error) {
+	out := make(map[uint16]PortCounters)
+	var (
+		port   uint16
+		perCPU []probeCounters
+	)
+	it := p.maps.PortStats.Iterate()
+	for it.Next(&port, &perCPU) {
+		var c PortCounters
+		for i := range perCPU {
+			c.add(&perCPU[i])
+		}
+		out[port] = c
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("reading port counters: %w", err)
+	}
+	return out, nil
+}
+
+// Stats are the probe's own health counters.
+type Stats struct {
+	Events           uint64 // events written to the ring buffer
+	Lost             uint64 // events dropped because the ring buffer was full
+	TrackFull        uint64 // passive connections not tracked: MaxConnections reached
+	PortsFull        uint64 // counter updates dropped: port table full (cannot happen with 65536 entries)
+	RetransmitFailed uint64 // failed retransmission attempts (not counted as retransmissions)
+}
+
+// Stats reads the probe's health counters, summed over CPUs.
+func (p *Probe) Stats() (Stats, error) {
+	var vals [probeStatSTAT_MAX]uint64
+	for i := range vals {
+		var perCPU []uint64
+		if err := p.maps.Stats.Lookup(uint32(i), &perCPU); err != nil {
+			return Stats{}, fmt.Errorf("reading probe stats: %w", err)
+		}
+		for _, v := range perCPU {
+			vals[i] += v
+		}
+	}
+	return Stats{
+		Events:           vals[probeStatSTAT_EVENTS],
+		Lost:             vals[probeStatSTAT_LOST],
+		TrackFull:        vals[probeStatSTAT_TRACK_FULL],
+		PortsFull:        vals[probeStatSTAT_PORTS_FULL],
+		RetransmitFailed: vals[probeStatSTAT_RETRANS_FAILED],
+	}, nil
+}
+
+// flagSeeded marks a connection inserted from userspace (F_SEEDED in probe.c).
+const flagSeeded = 1 << 6
+
+// Track starts tracking an established server connection that the probe did
+// not see open (one that existed before Load, found through sock_diag).
+// From then on it produces events like any other. Tracking a connection that
+// is already tracked is not an error. A connection that closed before Track
+// was called leaves an entry behind until Untrack removes it.
+func (p *Probe) Track(cookie uint64, localPort uint16) error {
+	c := probeConn{Lport: localPort, Flags: flagSeeded}
+	err := p.maps.Conns.Update(cookie, &c, ebpf.UpdateNoExist)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyExist) {
+		return fmt.Errorf("tracking connection %d: %w", cookie, err)
+	}
+	return nil
+}
+
+// Untrack stops tracking a connection. Untracking an unknown cookie is not
+// an error.
+func (p *Probe) Untrack(cookie uint64) error {
+	err := p.maps.Conns.Delete(cookie)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("untracking connection %d: %w", cookie, err)
+	}
+	return nil
+}
+
+// TrackedCookies calls fn with the cookie of every tracked connection until
+// fn returns false.
+func (p *Probe) TrackedCookies(fn func(cookie uint64) bool) error {
+	var (
+		cookie uint64
+		c      probeConn
+	)
+	it := p.maps.Conns.Iterate()
+	for it.Next(&cookie, &c) {
+		if !fn(cookie) {
+			return nil
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("iterating tracked connections: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,421 @@
+//go:build ignore
+
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+/*
+ * hangup kernel probe: TCP abort events for server (passively opened) sockets.
+ *
+ * A socket is tracked from SYN_RECV -> ESTABLISHED (or from userspace seeding
+ * through the conns map) until the kernel destroys it. Each client-side ending
+ * (peer FIN, peer RST, local RST, sk_err, retransmission, close) becomes an
+ * event in the ring buffer, and is counted exactly in per-port counters, so a
+ * full ring buffer loses events but never falsifies a count.
+ *
+ * All hooks are tp_btf (raw BTF tracepoints): fentry and kprobes are not
+ * assumed to be available.
+ */
+#include "hangup_core.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_tracing.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
+
+char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Event kinds. Keep in sync with Kind in event.go (checked by a test). */
+enum kind {
+	KIND_OPENED = 1,
+	KIND_PEER_FIN = 2,
+	KIND_PEER_RESET = 3,
+	KIND_LOCAL_RESET = 4,
+	KIND_ERROR = 5,
+	KIND_RETRANSMIT = 6,
+	KIND_CLOSED = 7,
+};
+
+/* Close causes. Keep in sync with Cause in event.go (checked by a test). */
+enum cause {
+	CAUSE_NONE = 0,
+	CAUSE_NORMAL = 1,
+	CAUSE_PEER_RESET = 2,
+	CAUSE_LOCAL_RESET = 3,
+	CAUSE_TIMEOUT = 4,           /* retransmission limit or TCP_USER_TIMEOUT */
+	CAUSE_KEEPALIVE_TIMEOUT = 5, /* keepalive probes unanswered */
+	CAUSE_PROBE_TIMEOUT = 6,     /* zero-window probes unanswered */
+	CAUSE_ERROR = 7,             /* any other sk_err */
+	CAUSE_MAX = 8,
+};
+
+/* Global counters (index into the stats array). Keep in sync with stats.go. */
+enum stat {
+	STAT_EVENTS = 0,      /* events submitted to the ring buffer */
+	STAT_LOST = 1,        /* ring buffer reserve failures */
+	STAT_TRACK_FULL = 2,  /* passive sockets not tracked: conns map full */
+	STAT_PORTS_FULL = 3,  /* counter updates lost: port_stats map full */
+	STAT_RETRANS_FAILED = 4, /* retransmission attempts that failed (not counted as retransmissions) */
+	STAT_MAX = 5,
+};
+
+/* Per-connection flags. */
+enum {
+	F_PEER_FIN = 1 << 0,
+	F_PEER_RST = 1 << 1,
+	F_LOCAL_RST = 1 << 2,
+	F_KEEPALIVE_RST = 1 << 3,
+	F_ERR_REPORTED = 1 << 4,
+	F_FINAL = 1 << 5,   /* closed event emitted and counted */
+	F_SEEDED = 1 << 6,  /* inserted by userspace (sock_diag), not seen opening */
+};
+
+struct conn {
+	__u64 opened_ns;
+	__u16 lport;
+	__u16 flags;
+	__s32 err;
+};
+
+struct event {
+	__u64 ts_ns; /* bpf_ktime_get_ns: CLOCK_MONOTONIC */
+	__u64 cookie;
+	__u64 netns_cookie;
+	__u8 saddr[16]; /* local address; IPv4 uses the first 4 bytes */
+	__u8 daddr[16]; /* remote address */
+	__u16 sport;    /* local port, host order */
+	__u16 dport;    /* remote port, host order */
+	__u16 family;
+	__u8 kind;
+	__u8 state; /* TCP state at the time of the event */
+	__s32 err;  /* errno (positive) for KIND_ERROR and KIND_CLOSED */
+	__u32 retrans; /* tcp_sock.total_retrans */
+	__u8 cause;    /* for KIND_CLOSED */
+	__u8 old_state;
+	__u16 reason;  /* enum sk_rst_reason for KIND_LOCAL_RESET */
+	__u32 _pad;
+};
+
+struct counters {
+	__u64 opened;
+	__u64 peer_fin;
+	__u64 peer_reset;
+	__u64 local_reset;
+	__u64 retransmits;
+	__u64 errors;
+	__u64 closed[CAUSE_MAX];
+};
+
+/* Force BTF emission for bpf2go -type. */
+const struct event *unused_event __attribute__((unused));
+const struct counters *unused_counters __attribute__((unused));
+const struct conn *unused_conn __attribute__((unused));
+const enum kind *unused_kind __attribute__((unused));
+const enum cause *unused_cause __attribute__((unused));
+const enum stat *unused_stat __attribute__((unused));
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* resized by the loader */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 262144); /* resized by the loader */
+	__type(key, __u64);          /* socket cookie */
+	__type(value, struct conn);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 65536);
+	__type(key, __u16); /* local port */
+	__type(value, struct counters);
+} port_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	if (v)
+		__sync_fetch_and_add(v, 1);
+}
+
+/*
+ * counters_for returns this CPU's counters for a port, creating them on
+ * first use. Per-CPU values with atomic adds: exact even when a softirq
+ * interrupts a process-context hook on the same CPU.
+ */
+static __always_inline struct counters *counters_for(__u16 port)
+{
+	struct counters *ps = bpf_map_lookup_elem(&port_stats, &port);
+	if (ps)
+		return ps;
+	struct counters zero = {};
+	bpf_map_update_elem(&port_stats, &port, &zero, BPF_NOEXIST);
+	ps = bpf_map_lookup_elem(&port_stats, &port);
+	if (!ps)
+		stat_inc(STAT_PORTS_FULL);
+	return ps;
+}
+
+#define COUNT(port, field)                                   \
+	do {                                                     \
+		struct counters *__ps = counters_for(port);       \
+		if (__ps)                                            \
+			__sync_fetch_and_add(&__ps->field, 1);           \
+	} while (0)
+
+static __always_inline bool is_tcp(const struct sock *sk)
+{
+	__u16 family = sk->__sk_common.skc_family;
+	return sk->sk_protocol == IPPROTO_TCP && (family == AF_INET || family == AF_INET6);
+}
+
+/*
+ * emit writes one event. lport comes from the tracking entry: the kernel
+ * zeroes skc_num when a closing socket releases its port, before the
+ * TCP_CLOSE tracepoint fires.
+ */
+static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lport, __u8 kind,
+				 __u8 cause, __s32 err, __u16 reason, __u8 old_state, __u8 state)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		stat_inc(STAT_LOST);
+		return;
+	}
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cookie = cookie;
+	e->netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	e->family = sk->__sk_common.skc_family;
+	if (e->family == AF_INET6) {
+		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
+		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+	} else {
+		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
+		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
+		*(__be32 *)e->saddr = sk->__sk_common.skc_rcv_saddr;
+		*(__be32 *)e->daddr = sk->__sk_common.skc_daddr;
+	}
+	e->sport = lport;
+	e->dport = bpf_ntohs(sk->__sk_common.skc_dport);
+	e->kind = kind;
+	e->state = state;
+	e->old_state = old_state;
+	e->err = err;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	e->retrans = tp ? tp->total_retrans : 0;
+	e->cause = cause;
+	e->reason = reason;
+	e->_pad = 0;
+	bpf_ringbuf_submit(e, 0);
+	stat_inc(STAT_EVENTS);
+}
+
+/*
+ * classify decides why a tracked connection ended, from what the probe saw
+ * and the socket's pending error. CAUSE_NONE means "not known yet": the
+ * kernel sends the RST of an abortive close (unread data, SO_LINGER 0) only
+ * after the move to TCP_CLOSE, so such closes are settled at destroy time.
+ */
+static __always_inline __u8 classify(const struct sock *sk, const struct conn *c, __s32 err)
+{
+	if (c->flags & F_PEER_RST)
+		return CAUSE_PEER_RESET;
+	if (err == ETIMEDOUT) {
+		if (c->flags & F_KEEPALIVE_RST)
+			return CAUSE_KEEPALIVE_TIMEOUT;
+		struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+		if (tp && tp->total_retrans == 0 && tp->inet_conn.icsk_probes_out > 0)
+			return CAUSE_PROBE_TIMEOUT;
+		return CAUSE_TIMEOUT;
+	}
+	if (err != 0)
+		return CAUSE_ERROR;
+	if (c->flags & F_LOCAL_RST)
+		return CAUSE_LOCAL_RESET;
+	return CAUSE_NONE;
+}
+
+static __always_inline void finalize(const struct sock *sk, __u64 cookie, struct conn *c,
+				     __u8 cause, __s32 err, __u8 old_state, __u8 state)
+{
+	c->flags |= F_FINAL;
+	if (cause >= CAUSE_MAX || cause == CAUSE_NONE)
+		cause = CAUSE_NORMAL;
+	struct counters *ps = counters_for(c->lport);
+	if (ps) {
+		/* cause is bounded above; the mask keeps the verifier sure of it */
+		__sync_fetch_and_add(&ps->closed[cause & (CAUSE_MAX - 1)], 1);
+	}
+	emit(sk, cookie, c->lport, KIND_CLOSED, cause, err, 0, old_state, state);
+}
+
+/* report_error emits one KIND_ERROR per distinct sk_err value. */
+static __always_inline void report_error(const struct sock *sk, __u64 cookie, struct conn *c,
+					 __s32 err, __u8 state)
+{
+	if ((c->flags & F_ERR_REPORTED) && c->err == err)
+		return;
+	c->flags |= F_ERR_REPORTED;
+	c->err = err;
+	COUNT(c->lport, errors);
+	emit(sk, cookie, c->lport, KIND_ERROR, CAUSE_NONE, err, 0, state, state);
+}
+
+static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
+{
+	*cookie = bpf_get_socket_cookie((void *)sk);
+	return bpf_map_lookup_elem(&conns, cookie);
+}
+
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	if (!is_tcp(sk))
+		return 0;
+
+	__u64 cookie;
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		/* Passive open: the child socket of a listener completed its handshake. */
+		cookie = bpf_get_socket_cookie((void *)sk);
+		struct conn c = {
+			.opened_ns = bpf_ktime_get_ns(),
+			.lport = sk->__sk_common.skc_num,
+		};
+		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST) != 0) {
+			/* Already tracked (seeded) is fine; anything else is a full map. */
+			if (!bpf_map_lookup_elem(&conns, &cookie)) {
+				stat_inc(STAT_TRACK_FULL);
+				return 0;
+			}
+		}
+		COUNT(c.lport, opened);
+		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
+		return 0;
+	}
+
+	struct conn *c = lookup(sk, &cookie);
+	if (!c)
+		return 0;
+
+	if (newstate == TCP_CLOSE_WAIT) {
+		c->flags |= F_PEER_FIN;
+		COUNT(c->lport, peer_fin);
+		emit(sk, cookie, c->lport, KIND_PEER_FIN, CAUSE_NONE, 0, 0, oldstate, newstate);
+		return 0;
+	}
+	if (newstate != TCP_CLOSE || (c->flags & F_FINAL))
+		return 0;
+
+	__s32 err = sk->sk_err;
+	/* The error report follows the state change; emit it first so that
+	 * consumers always see ERROR before CLOSED. */
+	if (err != 0)
+		report_error(sk, cookie, c, err, newstate);
+	__u8 cause = classify(sk, c, err);
+	if (cause != CAUSE_NONE)
+		finalize(sk, cookie, c, cause, err, oldstate, newstate);
+	return 0;
+}
+
+SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(on_receive_reset, struct sock *sk)
+{
+	__u64 cookie;
+	struct conn *c = lookup(sk, &cookie);
+	if (!c || (c->flags & F_PEER_RST))
+		return 0;
+	c->flags |= F_PEER_RST;
+	COUNT(c->lport, peer_reset);
+	__u8 state = sk->__sk_common.skc_state;
+	emit(sk, cookie, c->lport, KIND_PEER_RESET, CAUSE_NONE, 0, 0, state, state);
+	return 0;
+}
+
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
+{
+	if (!sk)
+		return 0;
+	__u8 state = sk->__sk_common.skc_state;
+	/* Only full sockets: request and timewait sockets are not tracked. */
+	if (state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV)
+		return 0;
+	__u64 cookie;
+	struct conn *c = lookup(sk, &cookie);
+	if (!c)
+		return 0;
+	c->flags |= F_LOCAL_RST;
+	if (reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT))
+		c->flags |= F_KEEPALIVE_RST;
+	COUNT(c->lport, local_reset);
+	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, (__u16)reason, state, state);
+	return 0;
+}
+
+SEC("tp_btf/inet_sk_error_report")
+int BPF_PROG(on_error_report, const struct sock *sk)
+{
+	if (!is_tcp(sk))
+		return 0;
+	__u64 cookie;
+	struct conn *c = lookup(sk, &cookie);
+	if (!c)
+		return 0;
+	__s32 err = sk->sk_err;
+	if (err != 0)
+		report_error(sk, cookie, c, err, sk->__sk_common.skc_state);
+	return 0;
+}
+
+static __always_inline int retransmit(const struct sock *sk)
+{
+	__u64 cookie;
+	struct conn *c = lookup(sk, &cookie);
+	if (!c)
+		return 0;
+	COUNT(c->lport, retransmits);
+	__u8 state = sk->__sk_common.skc_state;
+	emit(sk, cookie, c->lport, KIND_RETRANSMIT, CAUSE_NONE, 0, 0, state, state);
+	return 0;
+}
+
+/* Linux >= 6.17: the tracepoint also fires for failed attempts (err != 0). */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(on_retransmit, const struct sock *sk, const struct sk_buff *skb, int err)
+{
+	if (err != 0) {
+		stat_inc(STAT_RETRANS_FAILED);
+		return 0;
+	}
+	return retransmit(sk);
+}
+
+/* Linux < 6.17: the tracepoint fires only for successful retransmissions. */
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(on_retransmit_legacy, const struct sock *sk, const struct sk_buff *skb)
+{
+	return retransmit(sk);
+}
+
+SEC("tp_btf/tcp_destroy_sock")
+int BPF_PROG(on_destroy, struct sock *sk)
+{
+	__u64 cookie;
+	struct conn *c = lookup(sk, &cookie);
+	if (!c)
+		return 0;
+	if (!(c->flags & F_FINAL)) {
+		__s32 err = sk->sk_err;
+		__u8 state = sk->__sk_common.skc_state;
+		finalize(sk, cookie, c, classify(sk, c, err), err, state, state);
+	}
+	bpf_map_delete_elem(&conns, &cookie);
+	return 0;
+}

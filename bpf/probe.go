@@ -1,0 +1,333 @@
+//go:build linux
+
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
+	"github.com/cilium/ebpf/link"
+	"github.com/cilium/ebpf/ringbuf"
+	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
+)
+
+// Options configures Load. The zero value is a valid configuration.
+type Options struct {
+	// RingBufferSize is the event ring buffer's size in bytes. The kernel
+	// needs a power of two that is a multiple of the page size; other values
+	// are rounded up. Zero means 1 MiB. Counters stay exact when it fills.
+	RingBufferSize int
+	// MaxConnections bounds how many server connections are tracked at once.
+	// Zero means 262144. Connections beyond it are not tracked and are
+	// counted in Stats.TrackFull.
+	MaxConnections int
+}
+
+const (
+	defaultRingBufferSize = 1 << 20
+	defaultMaxConnections = 262144
+	kernelBTFPath         = "/sys/kernel/btf/vmlinux"
+)
+
+// hook ties a tracepoint to the program that handles it.
+type hook struct {
+	tracepoint string
+	program    string
+}
+
+// Probe is the loaded and attached kernel probe. Read and ReadInto must be
+// called from one goroutine at a time; the other methods are safe for
+// concurrent use.
+type Probe struct {
+	maps  probeMaps
+	progs []*ebpf.Program
+	links []link.Link
+	rd    *ringbuf.Reader
+	rec   ringbuf.Record
+	clock wallClock
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// Load loads the probe into the kernel, attaches every hook, and opens the
+// event reader. On error nothing stays loaded. Errors wrap ErrNotSupported
+// (kernel too old, no BTF), ErrPermission (missing capabilities), a
+// *HookError naming the hook, and *ebpf.VerifierError for verifier
+// rejections.
+func Load(opts Options) (*Probe, error) {
+	return load(opts, kernelBTFPath)
+}
+
+func load(opts Options, btfPath string) (_ *Probe, err error) {
+	kernel, err := kernelTypes(btfPath)
+	if err != nil {
+		return nil, err
+	}
+	hooks, err := selectHooks(kernel)
+	if err != nil {
+		return nil, err
+	}
+	if err := rlimit.RemoveMemlock(); err != nil {
+		return nil, permissionError(fmt.Errorf("raising RLIMIT_MEMLOCK: %w", err))
+	}
+
+	spec, err := loadProbe()
+	if err != nil {
+		return nil, fmt.Errorf("reading embedded BPF object: %w", err)
+	}
+	spec.Maps[probeMapEvents].MaxEntries = ringSize(opts.RingBufferSize)
+	if opts.MaxConnections < 0 {
+		return nil, fmt.Errorf("MaxConnections must not be negative, got %d", opts.MaxConnections)
+	}
+	spec.Maps[probeMapConns].MaxEntries = uint32(cmpOr(opts.MaxConnections, defaultMaxConnections))
+
+	p := &Probe{}
+	defer func() {
+		if err != nil {
+			p.Close()
+		}
+	}()
+
+	// Maps first, then each program on its own, so that a failure names
+	// its hook.
+	mapsOnly := spec.Copy()
+	mapsOnly.Programs = nil
+	coll, err := ebpf.NewCollectionWithOptions(mapsOnly, ebpf.CollectionOptions{})
+	if err != nil {
+		return nil, classify(fmt.Errorf("creating maps: %w", err))
+	}
+	// Keep every map for the programs before Assign takes ownership of ours;
+	// what stays in coll (the object's .bss) is referenced by the programs,
+	// which keep it alive after coll.Close.
+	replacements := maps.Clone(coll.Maps)
+	defer coll.Close()
+	if err := coll.Assign(&p.maps); err != nil {
+		return nil, fmt.Errorf("assigning maps: %w", err)
+	}
+
+	for _, h := range hooks {
+		one := spec.Copy()
+		one.Programs = map[string]*ebpf.ProgramSpec{h.program: spec.Programs[h.program]}
+		pc, err := ebpf.NewCollectionWithOptions(one, ebpf.CollectionOptions{
+			MapReplacements: replacements,
+			Programs:        ebpf.ProgramOptions{KernelTypes: kernel},
+		})
+		if err != nil {
+			return nil, hookError("loading", h.tracepoint, err)
+		}
+		prog := pc.DetachProgram(h.program)
+		pc.Close()
+		p.progs = append(p.progs, prog)
+
+		l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
+		if err != nil {
+			return nil, hookError("attaching", h.tracepoint, err)
+		}
+		p.links = append(p.links, l)
+	}
+
+	p.rd, err = ringbuf.NewReader(p.maps.Events)
+	if err != nil {
+		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
+	}
+	p.clock.refresh()
+	return p, nil
+}
+
+func cmpOr(v, def int) int {
+	if v == 0 {
+		return def
+	}
+	return v
+}
+
+// ringSize rounds a requested ring buffer size to what the kernel accepts.
+func ringSize(n int) uint32 {
+	if n <= 0 {
+		return defaultRingBufferSize
+	}
+	size := uint32(os.Getpagesize())
+	for int(size) < n && size < 1<<30 {
+		size <<= 1
+	}
+	return size
+}
+
+// kernelTypes loads the kernel's BTF, which CO-RE relocations and tp_btf
+// attachment both need.
+func kernelTypes(path string) (*btf.Spec, error) {
+	if _, err := os.Stat(path); err != nil {
+		return nil, fmt.Errorf("%w: kernel BTF not found at %s: the probe needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 6.10 or newer)", ErrNotSupported, path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("opening kernel BTF: %w", err)
+	}
+	defer f.Close()
+	spec, err := btf.LoadSpecFromReader(f)
+	if err != nil {
+		return nil, fmt.Errorf("%w: parsing kernel BTF at %s: %w", ErrNotSupported, path, err)
+	}
+	return spec, nil
+}
+
+// selectHooks checks that every tracepoint exists with the arguments the
+// programs read, and picks the tcp_retransmit_skb variant for this kernel.
+func selectHooks(kernel *btf.Spec) ([]hook, error) {
+	need := []struct {
+		tracepoint string
+		minArgs    int
+		program    string
+	}{
+		{"inet_sock_set_state", 3, probeProgOnSetState},
+		{"tcp_receive_reset", 1, probeProgOnReceiveReset},
+		{"tcp_send_reset", 3, probeProgOnSendReset}, // reason argument: Linux 6.10
+		{"inet_sk_error_report", 1, probeProgOnErrorReport},
+		{"tcp_retransmit_skb", 2, probeProgOnRetransmitLegacy},
+		{"tcp_destroy_sock", 1, probeProgOnDestroy},
+	}
+	hooks := make([]hook, 0, len(need))
+	for _, n := range need {
+		args, err := tracepointArgs(kernel, n.tracepoint)
+		if err != nil {
+			return nil, &HookError{Op: "loading", Hook: n.tracepoint, Err: err}
+		}
+		if args < n.minArgs {
+			return nil, &HookError{Op: "loading", Hook: n.tracepoint,
+				Err: fmt.Errorf("%w: tracepoint has %d arguments, the probe needs %d (Linux 6.10 or newer)", ErrNotSupported, args, n.minArgs)}
+		}
+		prog := n.program
+		if n.tracepoint == "tcp_retransmit_skb" && args >= 3 {
+			// Linux 6.17 added err and fires for failed attempts too.
+			prog = probeProgOnRetransmit
+		}
+		hooks = append(hooks, hook{tracepoint: n.tracepoint, program: prog})
+	}
+	return hooks, nil
+}
+
+// tracepointArgs returns how many arguments a BTF tracepoint passes to a
+// tp_btf program, from the kernel's btf_trace_<name> typedef.
+func tracepointArgs(kernel *btf.Spec, name string) (int, error) {
+	var td *btf.Typedef
+	if err := kernel.TypeByName("btf_trace_"+name, &td); err != nil {
+		return 0, fmt.Errorf("%w: kernel has no BTF tracepoint %s: %w", ErrNotSupported, name, err)
+	}
+	ptr, ok := td.Type.(*btf.Pointer)
+	if !ok {
+		return 0, fmt.Errorf("unexpected BTF for btf_trace_%s: %s", name, td.Type)
+	}
+	proto, ok := ptr.Target.(*btf.FuncProto)
+	if !ok {
+		return 0, fmt.Errorf("unexpected BTF for btf_trace_%s: %s", name, ptr.Target)
+	}
+	// The first parameter is the tracepoint's private data pointer.
+	return len(proto.Params) - 1, nil
+}
+
+func hookError(op, tracepoint string, err error) error {
+	return classify(&HookError{Op: op, Hook: tracepoint, Err: err})
+}
+
+// classify adds the sentinel that tells the caller what kind of failure err is.
+func classify(err error) error {
+	var ve *ebpf.VerifierError
+	switch {
+	case errors.As(err, &ve):
+		// The verifier answers EACCES too; a rejection is not a permission problem.
+		return err
+	case errors.Is(err, unix.EPERM) || errors.Is(err, unix.EACCES):
+		return permissionError(err)
+	case errors.Is(err, ebpf.ErrNotSupported):
+		return fmt.Errorf("%w: %w", ErrNotSupported, err)
+	}
+	return err
+}
+
+func permissionError(err error) error {
+	return fmt.Errorf("%w: %w (%s)", ErrPermission, err, permissionHint)
+}
+
+// Read blocks until the next event and returns it. After Close it returns
+// ErrClosed; after a deadline set with SetDeadline passes, an error that
+// matches os.ErrDeadlineExceeded.
+func (p *Probe) Read() (Event, error) {
+	var e Event
+	err := p.ReadInto(&e)
+	return e, err
+}
+
+// ReadInto is Read without allocating: it decodes the next event into e.
+func (p *Probe) ReadInto(e *Event) error {
+	if err := p.rd.ReadInto(&p.rec); err != nil {
+		if errors.Is(err, ringbuf.ErrClosed) {
+			return ErrClosed
+		}
+		return fmt.Errorf("reading ring buffer: %w", err)
+	}
+	if err := DecodeEvent(p.rec.RawSample, e); err != nil {
+		return err
+	}
+	e.Time = p.clock.wall(e.Mono)
+	return nil
+}
+
+// SetDeadline makes pending and future reads return os.ErrDeadlineExceeded
+// after t. The zero time means no deadline.
+func (p *Probe) SetDeadline(t time.Time) {
+	p.rd.SetDeadline(t)
+}
+
+// Close detaches every hook and frees the probe's kernel objects. A blocked
+// Read returns ErrClosed. Close is idempotent.
+func (p *Probe) Close() error {
+	p.closeOnce.Do(func() {
+		var errs []error
+		if p.rd != nil {
+			errs = append(errs, p.rd.Close())
+		}
+		for _, l := range p.links {
+			errs = append(errs, l.Close())
+		}
+		for _, prog := range p.progs {
+			errs = append(errs, prog.Close())
+		}
+		errs = append(errs, p.maps.Close())
+		p.closeErr = errors.Join(errs...)
+	})
+	return p.closeErr
+}
+
+// wallClock converts CLOCK_MONOTONIC timestamps to wall-clock time. The
+// offset is refreshed at most once a second, so clock steps are followed.
+type wallClock struct {
+	mu       sync.Mutex
+	offset   time.Duration // realtime - monotonic
+	sampleAt time.Duration // monotonic time of the last refresh
+}
+
+func (c *wallClock) refresh() {
+	var mono, real unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &mono)
+	_ = unix.ClockGettime(unix.CLOCK_REALTIME, &real)
+	c.sampleAt = time.Duration(mono.Nano())
+	c.offset = time.Duration(real.Nano()) - c.sampleAt
+}
+
+func (c *wallClock) wall(mono time.Duration) time.Time {
+	c.mu.Lock()
+	if mono-c.sampleAt > time.Second {
+		c.refresh()
+	}
+	off := c.offset
+	c.mu.Unlock()
+	return time.Unix(0, int64(mono+off))
+}
