@@ -202,18 +202,33 @@ func (h *Host) NetNSCookie() (uint64, error) {
 	return cookie, err
 }
 
-// Cut takes the client's end of the link down: from then on nothing the
-// server sends arrives and nothing comes back, without any FIN or RST, as
-// when a client's network silently disappears.
+// Cut makes the client vanish: from then on every TCP segment the server
+// sends is lost on the way, and the client sends nothing, with no FIN, RST
+// or ICMP, as when a client's Wi-Fi drops or its cable is pulled. The
+// server's own link stays up, so its kernel keeps transmitting (and
+// retransmitting) as it would toward a real dead peer. ARP and neighbour
+// discovery still work, as they would on the server's LAN.
 func (p *Pair) Cut() {
 	p.t.Helper()
-	run(p.t, "ip", "-n", p.Client.NS, "link", "set", p.Client.Link, "down")
+	if _, err := exec.LookPath("nft"); err != nil {
+		SkipOrFail(p.t, "cutting the link needs nft from the nftables package: %v", err)
+	}
+	rules := `table inet hangup_cut {
+	chain in { type filter hook prerouting priority -300; policy accept; meta l4proto tcp drop; }
+	chain out { type filter hook output priority -300; policy accept; meta l4proto tcp drop; }
+}
+`
+	cmd := exec.Command("ip", "netns", "exec", p.Client.NS, "nft", "-f", "-")
+	cmd.Stdin = strings.NewReader(rules)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		p.t.Fatalf("cutting the link: %v\n%s", err, out)
+	}
 }
 
-// Restore brings the client's end of the link back up.
+// Restore undoes Cut.
 func (p *Pair) Restore() {
 	p.t.Helper()
-	run(p.t, "ip", "-n", p.Client.NS, "link", "set", p.Client.Link, "up")
+	run(p.t, "ip", "netns", "exec", p.Client.NS, "nft", "delete", "table", "inet", "hangup_cut")
 }
 
 // SocketCookie returns getsockopt(SO_COOKIE) of a TCP connection, the value

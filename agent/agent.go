@@ -1,0 +1,401 @@
+// Package agent is the host daemon's logic: it reads the kernel probe's
+// events, keeps a table of server connections, streams each subscriber the
+// events of the listeners it registered over a unix socket, and exports the
+// probe's exact per-port counts as Prometheus metrics.
+//
+// One event's path: Source.ReadInto (the probe's ring buffer) → Agent.handle
+// → table.observe (connection table) → routes.deliver (listeners matched by
+// network namespace, port and address) → subscriber.enqueue (a bounded
+// queue; full means a counted drop) → subscriber.writeLoop → the
+// subscriber's socket as a wire.Event frame.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"os/user"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hangup-io/hangup/bpf"
+	"github.com/hangup-io/hangup/internal/wire"
+	"golang.org/x/sys/unix"
+)
+
+// Config configures an Agent. Only Source is required; every other zero
+// value picks the default named on the field.
+type Config struct {
+	// Source gives events and counts: a loaded *bpf.Probe. Run closes it.
+	Source Source
+	// Logger receives the agent's logs. Nil discards them.
+	Logger *slog.Logger
+	// SocketPath is the subscriber socket. Empty means
+	// wire.DefaultSocketPath. Its directory is created if missing.
+	SocketPath string
+	// SocketGroup, a group name or numeric id, owns the socket, which is
+	// created with mode 0660 so that members of the group may subscribe.
+	// Empty leaves the group of the agent process.
+	SocketGroup string
+	// MaxSubscribers bounds concurrent subscriber sessions. Zero means 256.
+	MaxSubscribers int
+	// MaxListeners bounds the listeners one subscriber may register. Zero
+	// means 64.
+	MaxListeners int
+	// QueueLen is each subscriber's event queue; events beyond it are
+	// dropped and counted. Zero means 4096.
+	QueueLen int
+	// MaxPorts caps the port label values of per-port metrics; the other
+	// ports are summed under port="other". Zero means 100.
+	MaxPorts int
+	// HelloTimeout is how long a new session may take to say Hello. Zero
+	// means 5s.
+	HelloTimeout time.Duration
+	// StallTimeout disconnects a subscriber whose socket has accepted
+	// nothing for this long while the agent had frames for it: a peer that
+	// stopped reading. Its queue overflowing is counted as drops first.
+	// Zero means 30s.
+	StallTimeout time.Duration
+	// NoSeed disables the sock_diag scan for server connections that
+	// existed before the agent started. The zero value scans.
+	NoSeed bool
+}
+
+// Agent is the running host agent. Create it with New, then call Run.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	src    Source
+	table  *table
+	routes *routes
+	start  time.Time
+
+	ln   *net.UnixListener
+	path string
+
+	events  atomic.Uint64 // events read from the source
+	dropped atomic.Uint64 // events dropped for slow subscribers, all sessions
+	seeded  atomic.Uint64 // connections found through sock_diag
+
+	mu      sync.Mutex
+	subs    map[*subscriber]struct{}
+	nextSub uint32
+	closing bool
+
+	wg sync.WaitGroup
+}
+
+const (
+	defaultMaxSubscribers = 256
+	defaultMaxListeners   = 64
+	defaultQueueLen       = 4096
+	defaultMaxPorts       = 100
+	defaultHelloTimeout   = 5 * time.Second
+	defaultStallTimeout   = 30 * time.Second
+)
+
+// New checks cfg and opens the subscriber socket, replacing a stale socket
+// file left by an agent that did not shut down cleanly. It fails if another
+// agent answers on the path. Call Run to serve, or Close to give up.
+func New(cfg Config) (*Agent, error) {
+	if cfg.Source == nil {
+		return nil, errors.New("agent: Config.Source is nil")
+	}
+	cfg.SocketPath = cmpOr(cfg.SocketPath, wire.DefaultSocketPath)
+	cfg.MaxSubscribers = cmpOr(cfg.MaxSubscribers, defaultMaxSubscribers)
+	cfg.MaxListeners = min(cmpOr(cfg.MaxListeners, defaultMaxListeners), 65535)
+	cfg.QueueLen = cmpOr(cfg.QueueLen, defaultQueueLen)
+	cfg.MaxPorts = cmpOr(cfg.MaxPorts, defaultMaxPorts)
+	cfg.HelloTimeout = cmpOr(cfg.HelloTimeout, defaultHelloTimeout)
+	cfg.StallTimeout = cmpOr(cfg.StallTimeout, defaultStallTimeout)
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	a := &Agent{
+		cfg:    cfg,
+		log:    log.With("component", "agent"),
+		src:    cfg.Source,
+		table:  newTable(),
+		routes: newRoutes(),
+		start:  time.Now(),
+		path:   cfg.SocketPath,
+		subs:   make(map[*subscriber]struct{}),
+	}
+	ln, err := listenSocket(cfg.SocketPath, cfg.SocketGroup)
+	if err != nil {
+		return nil, err
+	}
+	a.ln = ln
+	return a, nil
+}
+
+func cmpOr[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+func listenSocket(path, group string) (*net.UnixListener, error) {
+	gid := -1
+	if group != "" {
+		g, err := lookupGroup(group)
+		if err != nil {
+			return nil, err
+		}
+		gid = g
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, fmt.Errorf("creating socket directory: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().Type() != os.ModeSocket {
+			return nil, fmt.Errorf("%s exists and is not a socket; refusing to replace it", path)
+		}
+		// Another agent, or a stale file from one that crashed?
+		c, err := net.DialTimeout("unixpacket", path, time.Second)
+		if err == nil {
+			c.Close()
+			return nil, fmt.Errorf("another agent is listening on %s", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("removing stale socket: %w", err)
+		}
+	}
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	// Close removes the file only if we leave unlinking to it; we do it
+	// ourselves at shutdown, after the last session ends.
+	ln.SetUnlinkOnClose(false)
+	if err := os.Chown(path, -1, gid); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("setting the socket's group: %w", err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		os.Remove(path)
+		return nil, fmt.Errorf("setting the socket's mode: %w", err)
+	}
+	return ln, nil
+}
+
+func lookupGroup(name string) (int, error) {
+	if id, err := strconv.Atoi(name); err == nil {
+		return id, nil
+	}
+	g, err := user.LookupGroup(name)
+	if err != nil {
+		return 0, fmt.Errorf("socket group: %w", err)
+	}
+	return strconv.Atoi(g.Gid)
+}
+
+// SocketPath returns the subscriber socket's path.
+func (a *Agent) SocketPath() string { return a.path }
+
+// Run seeds the connection table from sock_diag, serves subscribers and
+// reads events until ctx ends or the source fails. On return every session
+// has ended, the socket file is removed and the source is closed; stop
+// scraping Collector before Run returns. It returns
+// nil after ctx ends, and the source's error otherwise.
+func (a *Agent) Run(ctx context.Context) error {
+	if !a.cfg.NoSeed {
+		n, err := a.seedHost()
+		if err != nil {
+			a.log.Warn("seeding connections that existed before start", "err", err)
+		} else {
+			a.log.Info("seeded connections that existed before start", "connections", n)
+		}
+	}
+	a.wg.Add(1)
+	go func() {
+		defer a.wg.Done()
+		a.acceptLoop()
+	}()
+
+	readErr := make(chan error, 1)
+	go func() { readErr <- a.readLoop() }()
+
+	// Sessions end before the source closes: they read its counters.
+	var err error
+	select {
+	case <-ctx.Done():
+		a.Close()
+		a.src.Close()
+		<-readErr
+	case err = <-readErr:
+		a.Close()
+		a.src.Close()
+	}
+	return err
+}
+
+func (a *Agent) readLoop() error {
+	var e bpf.Event
+	for {
+		if err := a.src.ReadInto(&e); err != nil {
+			if errors.Is(err, bpf.ErrClosed) {
+				return nil
+			}
+			if errors.Is(err, bpf.ErrShortRecord) {
+				a.log.Warn("skipping undecodable event", "err", err)
+				continue
+			}
+			return fmt.Errorf("reading events: %w", err)
+		}
+		a.handle(&e)
+	}
+}
+
+// handle is the pipeline for one event: the connection table, then the
+// subscribers. It must never wait for a subscriber.
+func (a *Agent) handle(e *bpf.Event) {
+	a.events.Add(1)
+	a.table.observe(e)
+	a.routes.deliver(e)
+}
+
+// Close stops accepting, ends every session and removes the socket file.
+// Run calls it; call it yourself only if Run was never called. It is
+// idempotent.
+func (a *Agent) Close() error {
+	a.mu.Lock()
+	already := a.closing
+	a.closing = true
+	subs := make([]*subscriber, 0, len(a.subs))
+	for s := range a.subs {
+		subs = append(subs, s)
+	}
+	a.mu.Unlock()
+	if already {
+		a.wg.Wait()
+		return nil
+	}
+	err := a.ln.Close()
+	for _, s := range subs {
+		s.shutdown()
+	}
+	a.wg.Wait()
+	if rerr := os.Remove(a.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+		err = errors.Join(err, rerr)
+	}
+	return err
+}
+
+func (a *Agent) acceptLoop() {
+	for {
+		uc, err := a.ln.AcceptUnix()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			a.log.Error("accepting subscriber", "err", err)
+			time.Sleep(100 * time.Millisecond)
+			continue
+		}
+		a.admit(uc)
+	}
+}
+
+// admit starts a session for uc, or refuses it when the agent is full or
+// closing.
+func (a *Agent) admit(uc *net.UnixConn) {
+	conn := wire.NewConn(uc)
+	cred, credErr := peerCred(uc)
+	a.mu.Lock()
+	refuse := ""
+	var code uint16
+	switch {
+	case a.closing:
+		refuse, code = "the agent is shutting down", wire.CodeShuttingDown
+	case len(a.subs) >= a.cfg.MaxSubscribers:
+		refuse, code = fmt.Sprintf("too many subscribers (limit %d)", a.cfg.MaxSubscribers), wire.CodeLimit
+	}
+	if refuse != "" {
+		a.mu.Unlock()
+		a.log.Warn("refusing subscriber", "reason", refuse, "pid", cred.Pid, "uid", cred.Uid)
+		a.wg.Add(1)
+		go func() {
+			defer a.wg.Done()
+			uc.SetWriteDeadline(time.Now().Add(time.Second))
+			conn.WriteFrame(&wire.Frame{Type: wire.TypeError, Error: wire.Error{Code: code, Fatal: true, Message: refuse}}, -1)
+			drain(conn)
+			uc.Close()
+		}()
+		return
+	}
+	a.nextSub++
+	s := newSubscriber(a, a.nextSub, conn, cred)
+	a.subs[s] = struct{}{}
+	a.wg.Add(1)
+	a.mu.Unlock()
+	if credErr != nil {
+		s.log.Warn("reading peer credentials", "err", credErr)
+	}
+	go func() {
+		defer a.wg.Done()
+		s.run()
+		a.mu.Lock()
+		delete(a.subs, s)
+		a.mu.Unlock()
+	}()
+}
+
+// drain reads and discards what the peer sent until it closes, for at most
+// half a second. Closing a unix socket with unread data makes the peer's
+// next read fail with ECONNRESET, which would hide the error frame just sent.
+func drain(c *wire.Conn) {
+	uc := c.UnixConn()
+	uc.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	var f wire.Frame
+	for {
+		fd, err := c.ReadFrame(&f)
+		closeFD(fd)
+		if err != nil && !errors.Is(err, wire.ErrGarbage) && !errors.Is(err, wire.ErrTruncated) &&
+			!errors.Is(err, wire.ErrMalformed) && !errors.Is(err, wire.ErrTooLarge) &&
+			!errors.Is(err, wire.ErrVersion) && !errors.Is(err, wire.ErrUnknownType) &&
+			!errors.Is(err, wire.ErrMissingFD) && !errors.Is(err, wire.ErrUnexpectedFD) {
+			return
+		}
+	}
+}
+
+func peerCred(uc *net.UnixConn) (unix.Ucred, error) {
+	rc, err := uc.SyscallConn()
+	if err != nil {
+		return unix.Ucred{}, err
+	}
+	var cred *unix.Ucred
+	var gerr error
+	if err := rc.Control(func(fd uintptr) {
+		cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return unix.Ucred{}, err
+	}
+	if gerr != nil {
+		return unix.Ucred{}, gerr
+	}
+	return *cred, nil
+}
+
+// subscribers returns a snapshot of the current sessions.
+func (a *Agent) subscribers() []*subscriber {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]*subscriber, 0, len(a.subs))
+	for s := range a.subs {
+		out = append(out, s)
+	}
+	return out
+}

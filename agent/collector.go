@@ -1,0 +1,226 @@
+package agent
+
+import (
+	"cmp"
+	"log/slog"
+	"maps"
+	"runtime/debug"
+	"slices"
+	"strconv"
+	"sync"
+
+	"github.com/hangup-io/hangup/bpf"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+const namespace = "hangup"
+
+// otherPort is the port label value of the ports beyond Config.MaxPorts.
+const otherPort = "other"
+
+// collector exports the probe's exact per-port counts and the agent's own
+// counters. Per-port series come from the kernel's maps, not from events,
+// so a full ring buffer never falsifies them.
+type collector struct {
+	a   *Agent
+	log *slog.Logger
+
+	opened, closed, peerFIN, peerReset, localReset, retrans, sockErrors *prometheus.Desc
+	probeEvents, probeLost, trackFull, retransFailed                    *prometheus.Desc
+	events, tracked, seeded, subscribers, listeners, dropped            *prometheus.Desc
+	subDelivered, subDropped, subQueued, buildInfo                      *prometheus.Desc
+
+	// labelled holds the ports that have their own label value. It only
+	// grows (up to MaxPorts), so that a port's series never moves into
+	// "other" and counters stay monotonic.
+	mu       sync.Mutex
+	labelled map[uint16]bool
+}
+
+// Collector returns the agent's Prometheus collector. Register it on a
+// registry of your own; nothing is registered globally.
+func (a *Agent) Collector() prometheus.Collector {
+	port := []string{"port"}
+	d := func(sub, name, help string, labels ...string) *prometheus.Desc {
+		return prometheus.NewDesc(prometheus.BuildFQName(namespace, sub, name), help, labels, nil)
+	}
+	return &collector{
+		a:   a,
+		log: a.log.With("component", "collector"),
+
+		opened:     d("connections", "opened_total", "Server connections opened (handshake completed on a listener), by local port.", port...),
+		closed:     d("connections", "closed_total", "Server connections closed, by local port and cause.", "port", "cause"),
+		peerFIN:    d("connections", "peer_fins_total", "Server connections half-closed by the client (FIN), by local port.", port...),
+		peerReset:  d("connections", "peer_resets_total", "Server connections reset by the client (RST received), by local port.", port...),
+		localReset: d("connections", "local_resets_total", "Server connections reset by this host (RST sent), by local port.", port...),
+		retrans:    d("connections", "retransmissions_total", "Segments retransmitted on server connections, by local port.", port...),
+		sockErrors: d("connections", "errors_total", "Socket errors reported on server connections, by local port.", port...),
+
+		probeEvents:   d("probe", "events_total", "Events the kernel probe wrote to its ring buffer."),
+		probeLost:     d("probe", "lost_events_total", "Events the kernel probe could not write because its ring buffer was full (counters stay exact)."),
+		trackFull:     d("probe", "untracked_connections_total", "Server connections not tracked because the probe's connection table was full."),
+		retransFailed: d("probe", "failed_retransmissions_total", "Retransmission attempts that failed (not counted as retransmissions)."),
+
+		events:      d("agent", "events_total", "Events the agent read from the probe."),
+		tracked:     d("agent", "tracked_connections", "Server connections in the agent's connection table."),
+		seeded:      d("agent", "seeded_connections_total", "Connections that existed before the agent or a listener registration, found through sock_diag."),
+		subscribers: d("agent", "subscribers", "Connected subscribers."),
+		listeners:   d("agent", "listeners", "Listening sockets registered by subscribers."),
+		dropped:     d("agent", "dropped_events_total", "Events dropped because a subscriber read too slowly, over all subscribers past and present."),
+
+		subDelivered: d("subscriber", "delivered_events_total", "Events delivered to a connected subscriber.", "subscriber", "name"),
+		subDropped:   d("subscriber", "dropped_events_total", "Events dropped because a connected subscriber read too slowly.", "subscriber", "name"),
+		subQueued:    d("subscriber", "queued_events", "Events waiting in a connected subscriber's queue.", "subscriber", "name"),
+		buildInfo:    d("", "build_info", "Build information of hangupd; the value is 1.", "version", "revision", "goversion"),
+
+		labelled: make(map[uint16]bool),
+	}
+}
+
+func (c *collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{
+		c.opened, c.closed, c.peerFIN, c.peerReset, c.localReset, c.retrans, c.sockErrors,
+		c.probeEvents, c.probeLost, c.trackFull, c.retransFailed,
+		c.events, c.tracked, c.seeded, c.subscribers, c.listeners, c.dropped,
+		c.subDelivered, c.subDropped, c.subQueued, c.buildInfo,
+	} {
+		ch <- d
+	}
+}
+
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+
+	if ports, err := c.a.src.PortCounters(); err != nil {
+		c.log.Error("reading per-port counters", "err", err)
+		ch <- prometheus.NewInvalidMetric(c.opened, err)
+	} else {
+		for port, pc := range c.group(ports) {
+			counter(c.opened, pc.Opened, port)
+			for _, cause := range bpf.Causes() {
+				counter(c.closed, pc.Closed[cause], port, cause.String())
+			}
+			counter(c.peerFIN, pc.PeerFIN, port)
+			counter(c.peerReset, pc.PeerReset, port)
+			counter(c.localReset, pc.LocalReset, port)
+			counter(c.retrans, pc.Retransmits, port)
+			counter(c.sockErrors, pc.Errors, port)
+		}
+	}
+	if st, err := c.a.src.Stats(); err != nil {
+		c.log.Error("reading probe stats", "err", err)
+		ch <- prometheus.NewInvalidMetric(c.probeEvents, err)
+	} else {
+		counter(c.probeEvents, st.Events)
+		counter(c.probeLost, st.Lost)
+		counter(c.trackFull, st.TrackFull)
+		counter(c.retransFailed, st.RetransmitFailed)
+	}
+
+	counter(c.events, c.a.events.Load())
+	gauge(c.tracked, float64(c.a.table.len()))
+	counter(c.seeded, c.a.seeded.Load())
+	counter(c.dropped, c.a.dropped.Load())
+	subs := c.a.subscribers()
+	gauge(c.subscribers, float64(len(subs)))
+	nl := 0
+	for _, s := range subs {
+		s.mu.Lock()
+		nl += len(s.listeners)
+		name := s.name
+		s.mu.Unlock()
+		id := strconv.FormatUint(uint64(s.id), 10)
+		counter(c.subDelivered, s.delivered.Load(), id, name)
+		counter(c.subDropped, s.dropped.Load(), id, name)
+		gauge(c.subQueued, float64(len(s.queue)), id, name)
+	}
+	gauge(c.listeners, float64(nl))
+	version, revision := buildVersion()
+	gauge(c.buildInfo, 1, version, revision, goVersion())
+}
+
+// group maps the kernel's per-port counters to port label values: ports
+// seen first (the busiest first among those seen at once) keep their own
+// label up to MaxPorts, the rest are summed under "other".
+func (c *collector) group(ports map[uint16]bpf.PortCounters) map[string]*bpf.PortCounters {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var fresh []uint16
+	for p := range ports {
+		if !c.labelled[p] {
+			fresh = append(fresh, p)
+		}
+	}
+	slices.SortFunc(fresh, func(x, y uint16) int {
+		px, py := ports[x], ports[y]
+		return cmp.Or(cmp.Compare(py.Opened, px.Opened), cmp.Compare(x, y))
+	})
+	for _, p := range fresh {
+		if len(c.labelled) >= c.a.cfg.MaxPorts {
+			break
+		}
+		c.labelled[p] = true
+	}
+	out := make(map[string]*bpf.PortCounters, len(ports))
+	for _, p := range slices.Sorted(maps.Keys(ports)) {
+		pc := ports[p]
+		label := otherPort
+		if c.labelled[p] {
+			label = strconv.Itoa(int(p))
+		}
+		sum, ok := out[label]
+		if !ok {
+			sum = new(bpf.PortCounters)
+			out[label] = sum
+		}
+		sum.Opened += pc.Opened
+		sum.PeerFIN += pc.PeerFIN
+		sum.PeerReset += pc.PeerReset
+		sum.LocalReset += pc.LocalReset
+		sum.Retransmits += pc.Retransmits
+		sum.Errors += pc.Errors
+		for i := range sum.Closed {
+			sum.Closed[i] += pc.Closed[i]
+		}
+	}
+	return out
+}
+
+// Version is hangupd's version, set at build time with
+// -ldflags "-X github.com/hangup-io/hangup/agent.Version=v1.2.3". Empty
+// means the module version from the build info.
+var Version string
+
+// BuildVersion describes the running binary: version and VCS revision.
+func BuildVersion() string {
+	v, r := buildVersion()
+	return v + " (revision " + r + ", " + goVersion() + ")"
+}
+
+func buildVersion() (version, revision string) {
+	version = Version
+	info, ok := debug.ReadBuildInfo()
+	if ok {
+		if version == "" {
+			version = info.Main.Version
+		}
+		for _, s := range info.Settings {
+			if s.Key == "vcs.revision" {
+				revision = s.Value
+			}
+		}
+	}
+	return cmp.Or(version, "unknown"), cmp.Or(revision, "unknown")
+}
+
+func goVersion() string {
+	if info, ok := debug.ReadBuildInfo(); ok {
+		return info.GoVersion
+	}
+	return "unknown"
+}

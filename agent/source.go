@@ -1,0 +1,23 @@
+package agent
+
+import "github.com/hangup-io/hangup/bpf"
+
+// Source is where the agent's events and exact counts come from. *bpf.Probe
+// implements it; the agent sees only decoded Go values, never cilium/ebpf.
+type Source interface {
+	// ReadInto blocks until the next event; after Close it returns an
+	// error matching bpf.ErrClosed.
+	ReadInto(e *bpf.Event) error
+	// PortCounters returns the exact kernel counts per local port.
+	PortCounters() (map[uint16]bpf.PortCounters, error)
+	// Stats returns the probe's health counters.
+	Stats() (bpf.Stats, error)
+	// Track starts tracking a connection that existed before the probe.
+	Track(cookie uint64, localPort uint16) error
+	// Untrack stops tracking a connection.
+	Untrack(cookie uint64) error
+	// Close ends ReadInto.
+	Close() error
+}
+
+var _ Source = (*bpf.Probe)(nil)

@@ -1,0 +1,355 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hangup-io/hangup/internal/wire"
+	"golang.org/x/sys/unix"
+)
+
+// subscriber is one session on the agent's socket: a server that registers
+// listening sockets and receives the events of their connections.
+type subscriber struct {
+	a    *Agent
+	id   uint32
+	conn *wire.Conn
+	cred unix.Ucred
+	log  *slog.Logger
+
+	queue chan wire.Event // events for the writer; full means drop
+	ctrl  chan ctrlMsg    // replies for the writer
+
+	delivered atomic.Uint64
+	dropped   atomic.Uint64
+
+	mu        sync.Mutex
+	name      string
+	listeners []*listener
+
+	done      chan struct{}
+	closeOnce sync.Once
+	writerEnd chan struct{}
+}
+
+// ctrlMsg is a reply for the writer; after a fatal one it stops.
+type ctrlMsg struct {
+	f     wire.Frame
+	fatal bool
+}
+
+func newSubscriber(a *Agent, id uint32, conn *wire.Conn, cred unix.Ucred) *subscriber {
+	return &subscriber{
+		a:         a,
+		id:        id,
+		conn:      conn,
+		cred:      cred,
+		log:       a.log.With("subscriber", id, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid),
+		queue:     make(chan wire.Event, a.cfg.QueueLen),
+		ctrl:      make(chan ctrlMsg, 8),
+		done:      make(chan struct{}),
+		writerEnd: make(chan struct{}),
+	}
+}
+
+// enqueue queues an event without ever blocking; it counts a drop when the
+// queue is full. Called by the pipeline goroutine.
+func (s *subscriber) enqueue(e *wire.Event) {
+	select {
+	case s.queue <- *e:
+	default:
+		s.dropped.Add(1)
+		s.a.dropped.Add(1)
+	}
+}
+
+// shutdown ends the session from outside (agent shutdown).
+func (s *subscriber) shutdown() {
+	s.closeOnce.Do(func() {
+		close(s.done)
+		s.conn.Close()
+	})
+}
+
+// run serves the session until the peer leaves, breaks the protocol, or the
+// agent shuts down.
+func (s *subscriber) run() {
+	s.log.Info("subscriber connected")
+	reason := s.serve()
+	s.shutdown()
+	<-s.writerEnd
+	s.a.routes.removeAll(s)
+	s.mu.Lock()
+	n := len(s.listeners)
+	s.mu.Unlock()
+	s.log.Info("subscriber disconnected", "reason", reason, "name", s.name, "listeners", n,
+		"delivered", s.delivered.Load(), "dropped", s.dropped.Load())
+}
+
+// serve reads frames and returns why the session ended.
+func (s *subscriber) serve() string {
+	uc := s.conn.UnixConn()
+	var f wire.Frame
+
+	// The session starts with Hello, within HelloTimeout.
+	uc.SetReadDeadline(time.Now().Add(s.a.cfg.HelloTimeout))
+	fd, err := s.conn.ReadFrame(&f)
+	closeFD(fd)
+	uc.SetReadDeadline(time.Time{})
+	go s.writeLoop()
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return s.fatal(wire.CodeUnexpected, "no hello within "+s.a.cfg.HelloTimeout.String())
+	case err != nil:
+		return s.readFailed(err)
+	case f.Type != wire.TypeHello:
+		return s.fatal(wire.CodeUnexpected, fmt.Sprintf("expected hello, got %s", f.Type))
+	}
+	s.mu.Lock()
+	s.name = f.Hello.Name
+	s.mu.Unlock()
+	s.log.Info("subscriber said hello", "name", f.Hello.Name, "claimed_pid", f.Hello.PID)
+	s.reply(wire.Frame{Type: wire.TypeWelcome, Welcome: wire.Welcome{
+		AgentPID:     uint32(os.Getpid()),
+		SubscriberID: s.id,
+		MaxListeners: uint16(s.a.cfg.MaxListeners),
+		QueueLen:     uint32(s.a.cfg.QueueLen),
+	}})
+
+	for {
+		fd, err := s.conn.ReadFrame(&f)
+		if err != nil {
+			if errors.Is(err, wire.ErrMissingFD) || errors.Is(err, wire.ErrUnexpectedFD) {
+				// A request-level mistake: answer it and go on.
+				code := wire.CodeMissingFD
+				if errors.Is(err, wire.ErrUnexpectedFD) {
+					code = wire.CodeUnexpectedFD
+				}
+				s.log.Warn("bad frame from subscriber", "err", err)
+				s.replyError(code, f.Register.Request, err.Error())
+				continue
+			}
+			if errors.Is(err, wire.ErrUnknownType) {
+				s.log.Warn("bad frame from subscriber", "err", err)
+				s.replyError(wire.CodeUnknownType, 0, err.Error())
+				continue
+			}
+			return s.readFailed(err)
+		}
+		switch f.Type {
+		case wire.TypeRegister:
+			s.register(f.Register.Request, fd)
+			closeFD(fd)
+		case wire.TypeStatusRequest:
+			s.status()
+		default:
+			closeFD(fd)
+			s.replyError(wire.CodeUnexpected, 0, fmt.Sprintf("a subscriber does not send %s frames", f.Type))
+		}
+		select {
+		case <-s.done:
+			return "closed"
+		default:
+		}
+	}
+}
+
+// readFailed turns a read error into the session's end, telling the peer
+// why when the fault is its own.
+func (s *subscriber) readFailed(err error) string {
+	switch {
+	case errors.Is(err, io.EOF):
+		return "peer closed the connection"
+	case errors.Is(err, net.ErrClosed):
+		return "agent closed the connection"
+	case errors.Is(err, wire.ErrVersion):
+		return s.fatal(wire.CodeVersion, err.Error())
+	case errors.Is(err, wire.ErrTruncated), errors.Is(err, wire.ErrGarbage),
+		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
+		return s.fatal(wire.CodeMalformed, err.Error())
+	}
+	s.log.Warn("reading from subscriber", "err", err)
+	return "read error: " + err.Error()
+}
+
+// fatal sends an Error frame, gives the writer a moment to flush it, and
+// returns the reason for the log.
+func (s *subscriber) fatal(code uint16, msg string) string {
+	s.log.Warn("disconnecting subscriber", "err", msg)
+	select {
+	case s.ctrl <- ctrlMsg{f: errorFrame(code, 0, true, msg), fatal: true}:
+		select {
+		case <-s.writerEnd:
+			drain(s.conn)
+		case <-time.After(time.Second):
+		}
+	case <-s.done:
+	}
+	return msg
+}
+
+func errorFrame(code uint16, req uint32, fatal bool, msg string) wire.Frame {
+	if len(msg) > wire.MaxErrorMessage {
+		msg = msg[:wire.MaxErrorMessage]
+	}
+	return wire.Frame{Type: wire.TypeError, Error: wire.Error{Code: code, Request: req, Fatal: fatal, Message: msg}}
+}
+
+func (s *subscriber) replyError(code uint16, req uint32, msg string) {
+	s.reply(errorFrame(code, req, false, msg))
+}
+
+// reply hands a frame to the writer; it waits while the peer does not read
+// its replies, but never past the session's end.
+func (s *subscriber) reply(f wire.Frame) {
+	select {
+	case s.ctrl <- ctrlMsg{f: f}:
+	case <-s.done:
+	}
+}
+
+// register checks a listening socket's descriptor and routes its events to
+// this subscriber. The descriptor is closed by the caller: the agent needs
+// it only to learn what it is.
+func (s *subscriber) register(req uint32, fd int) {
+	s.mu.Lock()
+	n := len(s.listeners)
+	s.mu.Unlock()
+	if n >= s.a.cfg.MaxListeners {
+		s.log.Warn("refusing listener", "err", "listener limit reached", "limit", s.a.cfg.MaxListeners)
+		s.replyError(wire.CodeLimit, req, fmt.Sprintf("too many listeners (limit %d)", s.a.cfg.MaxListeners))
+		return
+	}
+	info, err := inspectListener(fd)
+	if err != nil {
+		s.log.Warn("refusing listener", "err", err)
+		code := wire.CodeInternal
+		if errors.Is(err, errNotListener) {
+			code = wire.CodeNotListener
+		}
+		s.replyError(code, req, err.Error())
+		return
+	}
+	// Connections accepted before this agent started (an agent restart)
+	// must be tracked before the answer, so that a client that has its
+	// answer can count on their events.
+	if !s.a.cfg.NoSeed {
+		if n, err := s.a.seedListener(fd, info); err != nil {
+			s.log.Warn("seeding the listener's existing connections", "err", err, "addr", info.addr)
+		} else if n > 0 {
+			s.log.Info("seeded the listener's existing connections", "addr", info.addr, "connections", n)
+		}
+	}
+	l := s.a.routes.add(s, info)
+	s.mu.Lock()
+	s.listeners = append(s.listeners, l)
+	s.mu.Unlock()
+	s.log.Info("listener registered", "listener", l.id, "addr", info.addr, "netns", info.netns)
+	s.reply(wire.Frame{Type: wire.TypeRegistered, Registered: wire.Registered{
+		Request: req, Listener: l.id, NetNS: info.netns, Addr: info.addr,
+	}})
+}
+
+// status answers a status request with one row per listener.
+func (s *subscriber) status() {
+	subs := s.a.subscribers()
+	slices.SortFunc(subs, func(x, y *subscriber) int { return int(x.id) - int(y.id) })
+	for _, o := range subs {
+		o.mu.Lock()
+		row := wire.StatusListener{
+			Subscriber: o.id, PID: uint32(o.cred.Pid), UID: o.cred.Uid, Name: o.name,
+			Listeners: uint16(len(o.listeners)),
+			Delivered: o.delivered.Load(), Dropped: o.dropped.Load(), Queued: uint32(len(o.queue)),
+		}
+		ls := slices.Clone(o.listeners)
+		o.mu.Unlock()
+		if len(ls) == 0 {
+			s.reply(wire.Frame{Type: wire.TypeStatusListener, StatusListener: row})
+		}
+		for _, l := range ls {
+			row.Listener, row.NetNS, row.Addr = l.id, l.info.netns, l.info.addr
+			s.reply(wire.Frame{Type: wire.TypeStatusListener, StatusListener: row})
+		}
+	}
+	var lost uint64
+	if st, err := s.a.src.Stats(); err == nil {
+		lost = st.Lost
+	}
+	s.reply(wire.Frame{Type: wire.TypeStatusEnd, StatusEnd: wire.StatusEnd{
+		Subscribers: uint32(len(subs)),
+		Tracked:     uint64(s.a.table.len()),
+		Events:      s.a.events.Load(),
+		Lost:        lost,
+		Dropped:     s.a.dropped.Load(),
+		UptimeSec:   uint64(time.Since(s.a.start).Seconds()),
+	}})
+}
+
+// writeLoop is the session's only writer. A peer that does not read blocks
+// it, and only it: the queue fills and enqueue counts drops.
+func (s *subscriber) writeLoop() {
+	defer close(s.writerEnd)
+	var reported uint64
+	notify := func() error {
+		d := s.dropped.Load()
+		if d == reported {
+			return nil
+		}
+		f := wire.Frame{Type: wire.TypeDropped, Dropped: wire.Dropped{Count: d - reported, Total: d}}
+		reported = d
+		return s.conn.WriteFrame(&f, -1)
+	}
+	uc := s.conn.UnixConn()
+	for {
+		var err error
+		select {
+		case <-s.done:
+			return
+		case m := <-s.ctrl:
+			uc.SetWriteDeadline(time.Now().Add(s.a.cfg.StallTimeout))
+			err = s.conn.WriteFrame(&m.f, -1)
+			if m.fatal {
+				return
+			}
+		case e := <-s.queue:
+			uc.SetWriteDeadline(time.Now().Add(s.a.cfg.StallTimeout))
+			if err = notify(); err == nil {
+				err = s.conn.WriteEvent(&e)
+				if err == nil {
+					s.delivered.Add(1)
+				}
+			}
+			if err == nil && len(s.queue) == 0 {
+				err = notify()
+			}
+		}
+		if err != nil {
+			select {
+			case <-s.done:
+			default:
+				if errors.Is(err, os.ErrDeadlineExceeded) {
+					s.log.Warn("disconnecting subscriber", "err", "it stopped reading", "stalled_for", s.a.cfg.StallTimeout,
+						"dropped", s.dropped.Load())
+				} else {
+					s.log.Warn("writing to subscriber", "err", err)
+				}
+				s.shutdown()
+			}
+			return
+		}
+	}
+}
+
+func closeFD(fd int) {
+	if fd >= 0 {
+		unix.Close(fd)
+	}
+}

@@ -1,0 +1,369 @@
+// Package wire is the protocol between the host agent (hangupd) and the
+// servers that subscribe to it (httpx), spoken over a SOCK_SEQPACKET unix
+// socket. Every message is one frame: a fixed 8-byte header followed by a
+// fixed-layout payload whose size the frame type decides (only Error frames
+// carry a bounded variable-length message). Integers are little-endian.
+//
+// A session goes:
+//
+//	client                          agent
+//	Hello            ─────────────>
+//	                 <─────────────  Welcome
+//	Register + fd    ─────────────>            (the listening socket, SCM_RIGHTS)
+//	                 <─────────────  Registered (or Error with the request id)
+//	                 <─────────────  Event, Event, Dropped, Event ...
+//
+// Decode rejects garbage, truncated frames, other protocol versions, unknown
+// types and frames that claim a file descriptor without carrying one (or
+// carry one they should not) with errors that wrap the sentinels below.
+package wire
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+)
+
+// Version is the protocol version this package speaks. A peer speaking
+// another version is refused with an Error frame of code CodeVersion.
+const Version = 1
+
+// DefaultSocketPath is where hangupd listens unless told otherwise.
+const DefaultSocketPath = "/run/hangup/hangup.sock"
+
+// HeaderSize is the size of the frame header.
+const HeaderSize = 8
+
+// MaxFrameSize bounds every frame; a receiver reads at most this many bytes
+// and treats anything longer as an error.
+const MaxFrameSize = 512
+
+// MaxErrorMessage bounds the message of an Error frame.
+const MaxErrorMessage = 256
+
+// MaxNameLen bounds the client name sent in Hello.
+const MaxNameLen = 32
+
+var magic = [2]byte{'H', 'U'}
+
+// Type is a frame type.
+type Type uint8
+
+// Frame types. Client to agent: Hello, Register, StatusRequest. Agent to
+// client: Welcome, Registered, Event, Dropped, Error, StatusListener,
+// StatusEnd.
+const (
+	TypeHello          Type = 1
+	TypeWelcome        Type = 2
+	TypeRegister       Type = 3
+	TypeRegistered     Type = 4
+	TypeEvent          Type = 5
+	TypeDropped        Type = 6
+	TypeError          Type = 7
+	TypeStatusRequest  Type = 8
+	TypeStatusListener Type = 9
+	TypeStatusEnd      Type = 10
+)
+
+var typeNames = map[Type]string{
+	TypeHello: "hello", TypeWelcome: "welcome", TypeRegister: "register",
+	TypeRegistered: "registered", TypeEvent: "event", TypeDropped: "dropped",
+	TypeError: "error", TypeStatusRequest: "status_request",
+	TypeStatusListener: "status_listener", TypeStatusEnd: "status_end",
+}
+
+func (t Type) String() string {
+	if s, ok := typeNames[t]; ok {
+		return s
+	}
+	return fmt.Sprintf("type(%d)", uint8(t))
+}
+
+// Header flags.
+const (
+	// FlagFD says the frame carries exactly one file descriptor (SCM_RIGHTS).
+	FlagFD uint8 = 1 << 0
+)
+
+// Sentinel errors that Decode wraps; the agent maps them to Error codes.
+var (
+	ErrTruncated    = errors.New("wire: truncated frame")
+	ErrGarbage      = errors.New("wire: not a hangup frame")
+	ErrVersion      = errors.New("wire: unsupported protocol version")
+	ErrUnknownType  = errors.New("wire: unknown frame type")
+	ErrMissingFD    = errors.New("wire: frame claims a file descriptor but carries none")
+	ErrUnexpectedFD = errors.New("wire: frame carries a file descriptor it should not")
+	ErrTooLarge     = errors.New("wire: frame too large")
+	ErrMalformed    = errors.New("wire: malformed payload")
+)
+
+// payloadSizes is the exact payload size of each fixed-layout type; Error
+// has a minimum instead (see decodeError).
+var payloadSizes = map[Type]int{
+	TypeHello:          helloSize,
+	TypeWelcome:        welcomeSize,
+	TypeRegister:       registerSize,
+	TypeRegistered:     registeredSize,
+	TypeEvent:          eventSize,
+	TypeDropped:        droppedSize,
+	TypeStatusRequest:  0,
+	TypeStatusListener: statusListenerSize,
+	TypeStatusEnd:      statusEndSize,
+}
+
+// fdTypes are the types that must carry a file descriptor.
+var fdTypes = map[Type]bool{TypeRegister: true}
+
+var le = binary.LittleEndian
+
+// Frame is one decoded frame: Type says which of the payload fields is set.
+type Frame struct {
+	Type Type
+	// FD reports whether the frame carries a file descriptor (FlagFD).
+	FD bool
+	// The payload: only the field named by Type is meaningful (none for
+	// TypeStatusRequest). Frames are values so that a reader can reuse one
+	// without allocating.
+	Hello          Hello
+	Welcome        Welcome
+	Register       Register
+	Registered     Registered
+	Event          Event
+	Dropped        Dropped
+	Error          Error
+	StatusListener StatusListener
+	StatusEnd      StatusEnd
+}
+
+// Hello opens a session (client to agent).
+type Hello struct {
+	PID  uint32 // informational; the agent trusts SO_PEERCRED instead
+	Name string // a short client name for logs and metrics, at most MaxNameLen bytes
+}
+
+const helloSize = 4 + MaxNameLen
+
+// Welcome answers Hello (agent to client) with the agent's limits.
+type Welcome struct {
+	AgentPID     uint32
+	SubscriberID uint32 // the agent's id for this session, as in its logs and metrics
+	MaxListeners uint16 // listeners this session may register
+	QueueLen     uint32 // events the agent buffers for this session before dropping
+}
+
+const welcomeSize = 4 + 4 + 2 + 4
+
+// Register asks the agent to stream the events of a listening socket whose
+// file descriptor travels with the frame (client to agent).
+type Register struct {
+	Request uint32 // chosen by the client, echoed in Registered or Error
+}
+
+const registerSize = 4
+
+// Registered confirms a Register (agent to client).
+type Registered struct {
+	Request  uint32
+	Listener uint32 // the agent's id for the listener; events carry it
+	NetNS    uint64 // network namespace cookie (SO_NETNS_COOKIE)
+	Addr     netip.AddrPort
+}
+
+const registeredSize = 4 + 4 + 8 + addrSize
+
+// Event is one connection event (agent to client). The fields mirror
+// bpf.Event; Kind and Cause hold bpf.Kind and bpf.Cause values.
+type Event struct {
+	Listener    uint32 // the Registered.Listener the connection was accepted on
+	Cookie      uint64 // socket cookie: SO_COOKIE of the accepted fd
+	NetNS       uint64
+	Kind        uint8
+	Cause       uint8
+	State       uint8
+	OldState    uint8
+	Errno       int32
+	Retransmits uint32
+	TimeNs      int64  // wall-clock time, Unix nanoseconds
+	MonoNs      uint64 // CLOCK_MONOTONIC nanoseconds
+	Local       netip.AddrPort
+	Remote      netip.AddrPort
+}
+
+const eventSize = 4 + 8 + 8 + 4 + 4 + 4 + 8 + 8 + 2*addrSize
+
+// Dropped tells a client that events were dropped because it read too
+// slowly (agent to client). It precedes the next event delivered.
+type Dropped struct {
+	Count uint64 // dropped since the previous notice
+	Total uint64 // dropped over the whole session
+}
+
+const droppedSize = 16
+
+// Error codes.
+const (
+	CodeMalformed    uint16 = 1 // garbage, truncated or oversized frame
+	CodeVersion      uint16 = 2 // unsupported protocol version
+	CodeUnknownType  uint16 = 3
+	CodeMissingFD    uint16 = 4 // Register without a file descriptor
+	CodeNotListener  uint16 = 5 // the fd is not a listening TCP socket
+	CodeLimit        uint16 = 6 // too many subscribers or listeners
+	CodeUnexpected   uint16 = 7 // a frame out of order (e.g. before Hello)
+	CodeInternal     uint16 = 8
+	CodeUnexpectedFD uint16 = 9 // a file descriptor on a frame that takes none
+	CodeShuttingDown uint16 = 10
+)
+
+var codeNames = map[uint16]string{
+	CodeMalformed: "malformed", CodeVersion: "version", CodeUnknownType: "unknown_type",
+	CodeMissingFD: "missing_fd", CodeNotListener: "not_listener", CodeLimit: "limit",
+	CodeUnexpected: "unexpected", CodeInternal: "internal", CodeUnexpectedFD: "unexpected_fd",
+	CodeShuttingDown: "shutting_down",
+}
+
+// Error is an Error frame (agent to client); it is also the error the client
+// API returns for it.
+type Error struct {
+	Code    uint16
+	Request uint32 // the Register it answers, 0 if none
+	Fatal   bool   // the agent closes the session after sending it
+	Message string
+}
+
+const errorMinSize = 2 + 4 + 1 + 1 + 2
+
+func (e *Error) Error() string {
+	name := codeNames[e.Code]
+	if name == "" {
+		name = fmt.Sprintf("code %d", e.Code)
+	}
+	return fmt.Sprintf("hangupd: %s: %s", name, e.Message)
+}
+
+// Is makes errors.Is(err, &Error{Code: c}) match by code.
+func (e *Error) Is(target error) bool {
+	t, ok := target.(*Error)
+	return ok && t.Code == e.Code && (t.Message == "" || t.Message == e.Message)
+}
+
+// StatusListener is one row of a status answer (agent to client): a
+// subscriber and one of its listeners (Listener 0 if it has none).
+type StatusListener struct {
+	Subscriber uint32
+	PID        uint32
+	UID        uint32
+	Name       string
+	Listeners  uint16
+	Delivered  uint64
+	Dropped    uint64
+	Queued     uint32
+	Listener   uint32
+	NetNS      uint64
+	Addr       netip.AddrPort
+}
+
+const statusListenerSize = 4*3 + MaxNameLen + 2 + 8 + 8 + 4 + 4 + 8 + addrSize
+
+// StatusEnd ends a status answer with the agent's totals.
+type StatusEnd struct {
+	Subscribers uint32
+	Tracked     uint64 // connections in the agent's table
+	Events      uint64 // events read from the probe
+	Lost        uint64 // events the kernel could not queue (ring buffer full)
+	Dropped     uint64 // events dropped for slow subscribers, all sessions
+	UptimeSec   uint64
+}
+
+const statusEndSize = 4 + 8*5
+
+// An address is 16 bytes (IPv4 as IPv4-mapped IPv6), a port, and a family
+// byte plus a pad byte, so that the zero AddrPort survives a round trip.
+const addrSize = 16 + 2 + 2
+
+func putAddr(b []byte, ap netip.AddrPort) {
+	var fam byte
+	a := ap.Addr()
+	switch {
+	case a.Is4():
+		fam = 4
+	case a.Is6():
+		fam = 6
+	}
+	a16 := a.As16()
+	if !a.IsValid() {
+		a16 = [16]byte{}
+	}
+	copy(b[:16], a16[:])
+	le.PutUint16(b[16:], ap.Port())
+	b[18] = fam
+	b[19] = 0
+}
+
+func getAddr(b []byte) (netip.AddrPort, error) {
+	port := le.Uint16(b[16:])
+	if b[19] != 0 {
+		return netip.AddrPort{}, fmt.Errorf("%w: address pad byte %#x", ErrMalformed, b[19])
+	}
+	switch b[18] {
+	case 0:
+		if port != 0 || [16]byte(b[:16]) != [16]byte{} {
+			return netip.AddrPort{}, fmt.Errorf("%w: address without family", ErrMalformed)
+		}
+		return netip.AddrPort{}, nil
+	case 4:
+		a := netip.AddrFrom16([16]byte(b[:16]))
+		if !a.Is4In6() {
+			return netip.AddrPort{}, fmt.Errorf("%w: IPv4 address not IPv4-mapped", ErrMalformed)
+		}
+		return netip.AddrPortFrom(a.Unmap(), port), nil
+	case 6:
+		return netip.AddrPortFrom(netip.AddrFrom16([16]byte(b[:16])), port), nil
+	}
+	return netip.AddrPort{}, fmt.Errorf("%w: address family %d", ErrMalformed, b[18])
+}
+
+func putName(b []byte, s string) {
+	n := copy(b[:MaxNameLen], s)
+	clear(b[n:MaxNameLen])
+}
+
+func getName(b []byte) (string, error) {
+	b = b[:MaxNameLen]
+	n := 0
+	for n < len(b) && b[n] != 0 {
+		n++
+	}
+	for _, c := range b[n:] {
+		if c != 0 {
+			return "", fmt.Errorf("%w: name not NUL-padded", ErrMalformed)
+		}
+	}
+	for _, c := range b[:n] {
+		if c < 0x20 || c > 0x7e {
+			return "", fmt.Errorf("%w: name has non-printable byte %#x", ErrMalformed, c)
+		}
+	}
+	return string(b[:n]), nil
+}
+
+// Event kinds and close causes, as carried in Event.Kind and Event.Cause.
+// They are bpf.Kind and bpf.Cause values, repeated here so that clients
+// need not import the probe's package.
+const (
+	KindOpened     uint8 = 1
+	KindPeerFIN    uint8 = 2
+	KindPeerReset  uint8 = 3
+	KindLocalReset uint8 = 4
+	KindError      uint8 = 5
+	KindRetransmit uint8 = 6
+	KindClosed     uint8 = 7
+
+	CauseNormal           uint8 = 1
+	CausePeerReset        uint8 = 2
+	CauseLocalReset       uint8 = 3
+	CauseTimeout          uint8 = 4
+	CauseKeepaliveTimeout uint8 = 5
+	CauseProbeTimeout     uint8 = 6
+	CauseError            uint8 = 7
+)
