@@ -37,7 +37,9 @@ check-generated: generate ## fail if the committed BPF files differ from what th
 lint: ## gofmt, go vet, and the rule that only bpf/ imports cilium/ebpf/link
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:" >&2; echo "$$out" >&2; exit 1; fi
 	$(GO) vet ./...
-	@bad=$$(git grep -l '"github.com/cilium/ebpf/link"' -- '*.go' ':!bpf/'); if [ -n "$$bad" ]; then echo "only bpf/ may import cilium/ebpf/link: $$bad" >&2; exit 1; fi
+	@bad=$$($(GO) list -f '{{.ImportPath}} {{join .Imports " "}} {{join .TestImports " "}} {{join .XTestImports " "}}' ./... \
+		| awk '$$1 !~ /\/bpf$$/ && / github.com\/cilium\/ebpf\/link( |$$)/ {print $$1}'); \
+	if [ -n "$$bad" ]; then echo "only bpf/ may import cilium/ebpf/link; imported by: $$bad" >&2; exit 1; fi
 
 fuzz: ## fuzz the agent protocol's frame decoder for a minute
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./internal/wire/

@@ -1,12 +1,8 @@
 package agent
 
 import (
-	"go/parser"
-	"go/token"
 	"net/netip"
-	"path/filepath"
 	"runtime"
-	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -100,25 +96,6 @@ func BenchmarkTableMemory(b *testing.B) {
 		runtime.KeepAlive(t)
 	}
 	b.ReportMetric(perConn, "bytes/conn")
-}
-
-// The agent stays above the probe's loader: it never imports cilium/ebpf
-// or its link package.
-func TestNoEBPFImports(t *testing.T) {
-	files, _ := filepath.Glob("*.go")
-	fset := token.NewFileSet()
-	for _, f := range files {
-		af, err := parser.ParseFile(fset, f, nil, parser.ImportsOnly)
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, imp := range af.Imports {
-			p, _ := strconv.Unquote(imp.Path.Value)
-			if p == "github.com/cilium/ebpf/link" || p == "github.com/cilium/ebpf" {
-				t.Errorf("%s imports %s", f, p)
-			}
-		}
-	}
 }
 
 // wire repeats the probe's kind and cause values; they must agree.
