@@ -8,6 +8,7 @@ import (
 	"maps"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -28,11 +29,17 @@ type Options struct {
 	// Zero means 262144. Connections beyond it are not tracked and are
 	// counted in Stats.TrackFull.
 	MaxConnections int
+	// FlushInterval bounds how long a routine event (opened, retransmit,
+	// normal close) may wait in the ring buffer before Read returns it.
+	// Events that say a client is gone (FIN, RST, errors, abnormal closes)
+	// are returned at once regardless. Zero means 10ms.
+	FlushInterval time.Duration
 }
 
 const (
 	defaultRingBufferSize = 1 << 20
 	defaultMaxConnections = 262144
+	defaultFlushInterval  = 10 * time.Millisecond
 	kernelBTFPath         = "/sys/kernel/btf/vmlinux"
 )
 
@@ -48,10 +55,14 @@ type hook struct {
 type Probe struct {
 	maps  probeMaps
 	progs []*ebpf.Program
+	hooks []string // tracepoint of progs[i]
 	links []link.Link
 	rd    *ringbuf.Reader
 	rec   ringbuf.Record
 	clock wallClock
+
+	flush    time.Duration
+	deadline atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
 
 	closeOnce sync.Once
 	closeErr  error
@@ -88,8 +99,18 @@ func load(opts Options, btfPath string) (_ *Probe, err error) {
 		return nil, fmt.Errorf("MaxConnections must not be negative, got %d", opts.MaxConnections)
 	}
 	spec.Maps[probeMapConns].MaxEntries = uint32(cmpOr(opts.MaxConnections, defaultMaxConnections))
+	ring := spec.Maps[probeMapEvents].MaxEntries
+	if err := spec.Variables[probeVarWakeupBytes].Set(uint64(ring / 4)); err != nil {
+		return nil, fmt.Errorf("setting wakeup threshold: %w", err)
+	}
+	if opts.FlushInterval < 0 {
+		return nil, fmt.Errorf("FlushInterval must not be negative, got %s", opts.FlushInterval)
+	}
 
-	p := &Probe{}
+	p := &Probe{flush: opts.FlushInterval}
+	if p.flush == 0 {
+		p.flush = defaultFlushInterval
+	}
 	defer func() {
 		if err != nil {
 			p.Close()
@@ -126,6 +147,7 @@ func load(opts Options, btfPath string) (_ *Probe, err error) {
 		prog := pc.DetachProgram(h.program)
 		pc.Close()
 		p.progs = append(p.progs, prog)
+		p.hooks = append(p.hooks, h.tracepoint)
 
 		l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
 		if err != nil {
@@ -267,23 +289,45 @@ func (p *Probe) Read() (Event, error) {
 
 // ReadInto is Read without allocating: it decodes the next event into e.
 func (p *Probe) ReadInto(e *Event) error {
-	if err := p.rd.ReadInto(&p.rec); err != nil {
-		if errors.Is(err, ringbuf.ErrClosed) {
-			return ErrClosed
+	for {
+		// Routine events do not wake the reader (see probe.c): wait at
+		// most one flush interval, then look again.
+		wait := time.Now().Add(p.flush)
+		user := p.deadline.Load()
+		if user != 0 && user < wait.UnixNano() {
+			wait = time.Unix(0, user)
 		}
-		return fmt.Errorf("reading ring buffer: %w", err)
+		p.rd.SetDeadline(wait)
+		err := p.rd.ReadInto(&p.rec)
+		switch {
+		case err == nil:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			if user := p.deadline.Load(); user != 0 && time.Now().UnixNano() >= user {
+				return fmt.Errorf("reading ring buffer: %w", err)
+			}
+			continue
+		case errors.Is(err, ringbuf.ErrClosed):
+			return ErrClosed
+		default:
+			return fmt.Errorf("reading ring buffer: %w", err)
+		}
+		if err := DecodeEvent(p.rec.RawSample, e); err != nil {
+			return err
+		}
+		e.Time = p.clock.wall(e.Mono)
+		return nil
 	}
-	if err := DecodeEvent(p.rec.RawSample, e); err != nil {
-		return err
-	}
-	e.Time = p.clock.wall(e.Mono)
-	return nil
 }
 
-// SetDeadline makes pending and future reads return os.ErrDeadlineExceeded
-// after t. The zero time means no deadline.
+// SetDeadline makes pending and future reads return an error matching
+// os.ErrDeadlineExceeded once t has passed. The zero time means no deadline.
 func (p *Probe) SetDeadline(t time.Time) {
-	p.rd.SetDeadline(t)
+	if t.IsZero() {
+		p.deadline.Store(0)
+		return
+	}
+	p.deadline.Store(t.UnixNano())
+	p.rd.SetDeadline(t) // wake a blocked read now if t is earlier
 }
 
 // Close detaches every hook and frees the probe's kernel objects. A blocked

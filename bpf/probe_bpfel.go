@@ -110,6 +110,7 @@ const (
 	probeVarUnusedEvent         = "unused_event"
 	probeVarUnusedKind          = "unused_kind"
 	probeVarUnusedStat          = "unused_stat"
+	probeVarWakeupBytes         = "wakeup_bytes"
 )
 
 // loadProbe returns the embedded CollectionSpec for probe.
@@ -183,6 +184,7 @@ type probeVariableSpecs struct {
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
 	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
+	WakeupBytes    *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 }
 
 // probeObjects contains all objects after they have been loaded into the kernel.
@@ -230,6 +232,7 @@ type probeVariables struct {
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
 	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
+	WakeupBytes    *ebpf.Variable `ebpf:"wakeup_bytes"`
 }
 
 // probePrograms contains all programs after they have been loaded into the kernel.

@@ -39,6 +39,14 @@ enum {
 enum {
 	BPF_F_NO_PREALLOC = 1,
 };
+/* bpf_ringbuf_submit flags and bpf_ringbuf_query selectors */
+enum {
+	BPF_RB_NO_WAKEUP = 1,
+	BPF_RB_FORCE_WAKEUP = 2,
+};
+enum {
+	BPF_RB_AVAIL_DATA = 0,
+};
 
 #define AF_INET 2
 #define AF_INET6 10

@@ -1,0 +1,235 @@
+package httpx
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hangup-io/hangup/internal/testnet"
+)
+
+// Detection tests: a real server in one network namespace, a real client in
+// another, joined by a veth link the test can cut; both sources.
+
+var detectSources = []Source{SourceBPF, SourceEpoll}
+
+func forSources(t *testing.T, fn func(t *testing.T, src Source)) {
+	for _, src := range detectSources {
+		t.Run(string(src), func(t *testing.T) { fn(t, src) })
+	}
+}
+
+// netServer starts a monitored server on the pair's server host.
+func netServer(t *testing.T, opts Options, h http.HandlerFunc) (*testnet.Pair, *testServer) {
+	t.Helper()
+	pair := testnet.NewPair(t)
+	m := newMonitor(t, opts)
+	ln, err := pair.Server.Listen("tcp", net.JoinHostPort(testnet.ServerAddr4.String(), "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pair, serve(t, m, ln, h, nil)
+}
+
+// waitingHandler reports started, then waits for its context (or, if
+// detection fails, for the generous bound) and reports what it saw.
+func waitingHandler(started chan<- struct{}, results chan<- result) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		st := FromContext(r.Context())
+		started <- struct{}{}
+		woke := "timer"
+		select {
+		case <-r.Context().Done():
+			woke = "ctx"
+		case <-time.After(wait):
+		}
+		results <- result{status: st.Status(), reason: st.AbortReason(), cause: context.Cause(r.Context()), woke: woke}
+	}
+}
+
+func TestDetectPeerGoneWithBodyUnread(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		for _, how := range []string{"fin", "rst"} {
+			t.Run(how, func(t *testing.T) {
+				started, results := make(chan struct{}, 1), make(chan result, 1)
+				pair, ts := netServer(t, Options{Source: src}, waitingHandler(started, results))
+				c, err := pair.Client.Dial("tcp", ts.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				rawRequest(t, c, "/upload") // most of the body never comes
+				waitFor(t, started, "handler")
+				want := ReasonPeerFIN
+				if how == "fin" {
+					if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+						t.Fatal(err)
+					}
+				} else {
+					want = ReasonPeerReset
+					reset(t, c)
+				}
+				res := waitFor(t, results, "handler result")
+				if res.woke != "ctx" || res.status != StatusAborted || res.reason != want || !errors.Is(res.cause, ErrAborted) {
+					t.Errorf("got %+v, want ABORTED %s before the handler's wait ended", res, want)
+				}
+				if n := ts.m.Stats().Aborts[want]; n != 1 {
+					t.Errorf("aborts{reason=%s} = %d, want 1", want, n)
+				}
+			})
+		}
+	})
+}
+
+func TestDetectHalfCloseIgnored(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		started := make(chan struct{}, 1)
+		results := make(chan Status, 1)
+		pair, ts := netServer(t, Options{Source: src, IgnoreHalfClose: true}, func(w http.ResponseWriter, r *http.Request) {
+			st := FromContext(r.Context())
+			started <- struct{}{}
+			io.Copy(io.Discard, r.Body) // reads to the client's FIN
+			// Then a reset must still count.
+			select {
+			case <-r.Context().Done():
+			case <-time.After(wait):
+			}
+			results <- st.Status()
+		})
+		c, err := pair.Client.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fmt.Fprintf(c, "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc")
+		waitFor(t, started, "handler")
+		c.(*net.TCPConn).CloseWrite()
+		reset(t, c)
+		if s := waitFor(t, results, "status"); s != StatusAborted {
+			t.Errorf("status %s", s)
+		}
+		if st := ts.m.Stats(); st.Aborts[ReasonPeerFIN] != 0 || st.Aborts[ReasonPeerReset]+st.Aborts[ReasonCanceled] != 1 {
+			t.Errorf("aborts %v, want one reset and no FIN", st.Aborts)
+		}
+	})
+}
+
+func TestDetectLinkCutWhileIdle(t *testing.T) {
+	const drop = 2 * time.Second
+	forSources(t, func(t *testing.T, src Source) {
+		started, results := make(chan struct{}, 1), make(chan result, 1)
+		pair, ts := netServer(t, Options{Source: src, DropTimeout: drop}, waitingHandler(started, results))
+		c, err := pair.Client.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		rawGet(t, c, "/think") // complete request: the handler is idle on the socket
+		waitFor(t, started, "handler")
+		cut := time.Now()
+		pair.Cut()
+		res := waitFor(t, results, "handler result")
+		took := time.Since(cut)
+		t.Logf("%s: %s after the cut", src, took)
+		if res.woke != "ctx" || res.status != StatusAborted || !isTimeoutReason(res.reason) {
+			t.Fatalf("got %+v, want ABORTED with a timeout reason", res)
+		}
+		if src == SourceBPF && res.reason != ReasonKeepaliveTimeout {
+			t.Errorf("reason %s, want keepalive_timeout", res.reason)
+		}
+		// The feature's promise: the drop timeout, plus generous slack.
+		if took > drop+8*time.Second {
+			t.Errorf("noticed %s after the cut, drop timeout %s", took, drop)
+		}
+	})
+}
+
+func TestDetectLinkCutBeforeDelivery(t *testing.T) {
+	const drop = 2 * time.Second
+	forSources(t, func(t *testing.T, src Source) {
+		for _, cut := range []bool{false, true} {
+			t.Run(map[bool]string{false: "delivered", true: "cut"}[cut], func(t *testing.T) {
+				started := make(chan struct{}, 1)
+				delivery := make(chan error, 1)
+				var goOn *gate
+				pair, ts := netServer(t, Options{Source: src, DropTimeout: drop}, func(w http.ResponseWriter, r *http.Request) {
+					st := FromContext(r.Context())
+					started <- struct{}{}
+					<-goOn.ch
+					io.WriteString(w, strings.Repeat("confirmation ", 1000))
+					st.Finish()
+					ctx, cancel := context.WithTimeout(context.Background(), wait)
+					defer cancel()
+					delivery <- st.WaitDelivered(ctx)
+				})
+				goOn = newGate(t)
+				c, err := pair.Client.Dial("tcp", ts.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				rawGet(t, c, "/order")
+				waitFor(t, started, "handler")
+				if cut {
+					pair.Cut() // nothing the server writes from now on is acknowledged
+				}
+				goOn.open()
+				if !cut {
+					resp := readResponse(t, c)
+					io.Copy(io.Discard, resp.Body)
+				}
+				err = waitFor(t, delivery, "delivery")
+				undelivered := ts.m.Stats().Undelivered
+				if cut {
+					if !errors.Is(err, ErrNotDelivered) || undelivered != 1 {
+						t.Errorf("WaitDelivered = %v, undelivered %d; want ErrNotDelivered, 1", err, undelivered)
+					}
+				} else if err != nil || undelivered != 0 {
+					t.Errorf("WaitDelivered = %v, undelivered %d; want nil, 0", err, undelivered)
+				}
+			})
+		}
+	})
+}
+
+func TestDetectKeepAliveCloseIsNoAbort(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		statuses := make(chan Status, 2)
+		pair, ts := netServer(t, Options{Source: src}, func(w http.ResponseWriter, r *http.Request) {
+			st := FromContext(r.Context())
+			st.RegisterShutdown(func() { statuses <- st.Status() })
+			io.WriteString(w, "ok")
+		})
+		tr := &http.Transport{DialContext: pair.Client.Dialer()}
+		client := &http.Client{Transport: tr}
+		for range 2 {
+			resp, err := client.Get("http://" + ts.addr + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+		}
+		tr.CloseIdleConnections() // FIN on an idle keep-alive connection
+		waitFor(t, ts.closed, "the server to close its side")
+		for range 2 {
+			if s := waitFor(t, statuses, "status"); s != StatusNormal {
+				t.Errorf("status %s, want NORMAL", s)
+			}
+		}
+		st := ts.m.Stats()
+		for r, n := range st.Aborts {
+			if n != 0 {
+				t.Errorf("aborts{reason=%s} = %d", r, n)
+			}
+		}
+		if st.Requests[StatusNormal] != 2 {
+			t.Errorf("requests %v", st.Requests)
+		}
+	})
+}

@@ -1,0 +1,79 @@
+// Package httpx tells a net/http handler, while it is still running, that
+// its client has gone, and gives every request PHP's connection handling
+// model.
+//
+// A Monitor learns from the kernel when a client half-closes, resets, or
+// silently vanishes (link down: turned into a kernel error within
+// Options.DropTimeout by per-connection TCP_USER_TIMEOUT and keepalive
+// settings while a request is in flight), including while the request body
+// is still unread, where net/http never notices (golang/go#23262). Wire it
+// into a server with Configure and wrap the handler with Handler:
+//
+//	m, err := httpx.New(httpx.Options{})
+//	...
+//	srv := &http.Server{Handler: m.Handler(app)}
+//	m.Configure(srv)
+//	reg.MustRegister(m) // optional: m is a prometheus.Collector
+//
+// and get each request's State in the handler with FromContext.
+//
+// # PHP and httpx
+//
+//	PHP                                 httpx
+//	connection_status()                 State.Status: StatusNormal 0, StatusAborted 1,
+//	                                    StatusTimeout 2, both 3; String gives NORMAL,
+//	                                    ABORTED, TIMEOUT, ABORTED|TIMEOUT
+//	connection_aborted()                State.Aborted
+//	(connection_status() & 2)           State.TimedOut
+//	ignore_user_abort(bool)             State.IgnoreUserAbort, returns the previous
+//	                                    setting; while ignored, the abort is recorded
+//	                                    but the context is not cancelled
+//	script ends at next output          the request context is cancelled at once (cause
+//	after an abort                      ErrAborted); the next Write or Flush ends the
+//	                                    handler with http.ErrAbortHandler
+//	set_time_limit(n)                   State.SetTimeLimit(d), restarts the count,
+//	                                    0 = none; Options.TimeLimit for all requests.
+//	                                    Wall-clock time (PHP on Unix counts CPU time)
+//	max_execution_time fatal error      TIMEOUT bit OR-ed in, context cancelled even when
+//	                                    aborts are ignored, 503 if nothing was written,
+//	                                    client released within limit + TimeoutGrace
+//	register_shutdown_function(f)       State.RegisterShutdown(f): FIFO, exactly once on
+//	                                    normal end, abort, timeout and panic; may register
+//	                                    more; a panic in one does not skip the rest
+//	fastcgi_finish_request()            State.Finish: the response is completed (through
+//	                                    any middleware around Handler), the handler goes
+//	                                    on; State.Go for continuations that
+//	                                    Monitor.Shutdown waits for
+//	-                                   State.AbortReason: peer FIN, peer reset,
+//	                                    retransmission timeout, keepalive timeout,
+//	                                    write error
+//	-                                   State.WaitDelivered: wait until the client
+//	                                    acknowledged the response, or learn it never will;
+//	                                    hangup_http_undelivered_responses_total
+//
+// # Detection sources
+//
+// Options.Source picks where aborts come from: SourceBPF loads the kernel
+// probe (package bpf) into the process and needs CAP_BPF and CAP_PERFMON;
+// SourceEpoll needs no privileges and watches each connection in a private
+// epoll set (it sees FIN, RST and kernel timeouts, and tells a
+// retransmission timeout from a keepalive timeout by the kernel's
+// counters). The default tries them in that order. The source in use is
+// logged once and exported as hangup_http_detection_source.
+//
+// # Metrics
+//
+// A Monitor is a prometheus.Collector: hangup_http_requests_total{outcome},
+// hangup_http_aborts_total{reason}, hangup_http_abort_detection_latency_seconds,
+// hangup_http_undelivered_responses_total and hangup_http_detection_source{source}.
+//
+// # Caveats
+//
+// Handlers run in their own goroutine (so Finish and the timeout can hand
+// the response back while they go on); after Finish or a timeout release
+// they must not use the request body, nor headers or writers obtained
+// through Unwrap. Shutdown functions of a handler that ignores its timeout
+// run when the grace expires, concurrently with it. HTTP/2 requests are
+// marked when their connection dies and, as ReasonCanceled, when the
+// client resets their stream. A hijacked connection is no longer watched.
+package httpx

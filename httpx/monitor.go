@@ -1,0 +1,357 @@
+package httpx
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/hangup-io/hangup/bpf"
+)
+
+// Options configures a Monitor. The zero value is a valid configuration.
+type Options struct {
+	// Source picks the detection source. The zero value, SourceAuto, tries
+	// SourceBPF, then SourceEpoll. An explicit source that fails to start
+	// falls back to the next one (bpf, epoll, none) with a warning.
+	Source Source
+
+	// DropTimeout bounds how long a client can be silently gone (link down,
+	// no FIN or RST) before its request is marked aborted, while the
+	// request runs or WaitDelivered waits: the connection then gets
+	// TCP_USER_TIMEOUT and keepalive settings derived from it, and gets its
+	// own settings back when it goes idle. Zero means 10s; the effective
+	// minimum is 2s (keepalive counts whole seconds). Negative leaves
+	// socket options alone.
+	DropTimeout time.Duration
+
+	// TimeLimit is every request's initial time limit (see
+	// State.SetTimeLimit). Zero means none.
+	TimeLimit time.Duration
+
+	// TimeoutGrace is how long a handler may run on after its time limit
+	// expired before the client is released without it. Zero means 1s.
+	TimeoutGrace time.Duration
+
+	// IgnoreHalfClose makes a client's half-close (FIN) not count as an
+	// abort: the client may still be reading. By default it counts, as
+	// nginx answers it with 499. A reset or timeout always counts.
+	IgnoreHalfClose bool
+
+	// BPF configures the in-process probe of SourceBPF.
+	BPF bpf.Options
+
+	// Logger receives the source selection (once, at New), fallbacks and
+	// panics in shutdown functions and continuations. Nil means
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+const (
+	defaultDropTimeout = 10 * time.Second
+	defaultGrace       = time.Second
+	recentEvents       = 4096
+	closeLinger        = time.Second
+)
+
+// Monitor detects departed clients and gives requests their State. Create
+// it with New, wire it into each server with Configure and wrap handlers
+// with Handler. It is a prometheus.Collector (not registered anywhere).
+type Monitor struct {
+	opts  Options
+	log   *slog.Logger
+	drop  dropSettings
+	grace time.Duration
+	src   source
+
+	metrics *metrics
+
+	mu        sync.Mutex
+	byCookie  map[uint64]*conn
+	byNetConn map[net.Conn]*conn
+	recent    map[uint64]event // events of cookies not (yet) tracked
+	ring      []uint64         // recent's keys, oldest first, to bound it
+	ringNext  int
+	servers   []*http.Server
+	closed    bool
+
+	wg       sync.WaitGroup // handlers, continuations, timers' work
+	bgCtx    context.Context
+	bgCancel context.CancelFunc
+}
+
+// New starts a Monitor with its detection source. It fails only for an
+// unknown Options.Source; a source that cannot start falls back (see
+// Options.Source).
+func New(opts Options) (*Monitor, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.Default()
+	}
+	log = log.With("component", "httpx")
+	m := &Monitor{
+		opts:      opts,
+		log:       log,
+		drop:      newDropSettings(opts.DropTimeout),
+		grace:     cmpOr(opts.TimeoutGrace, defaultGrace),
+		byCookie:  make(map[uint64]*conn),
+		byNetConn: make(map[net.Conn]*conn),
+		recent:    make(map[uint64]event),
+		ring:      make([]uint64, recentEvents),
+	}
+	m.bgCtx, m.bgCancel = context.WithCancel(context.Background())
+	var order []Source
+	switch opts.Source {
+	case SourceAuto, SourceBPF:
+		order = []Source{SourceBPF, SourceEpoll, SourceNone}
+	case SourceEpoll:
+		order = []Source{SourceEpoll, SourceNone}
+	case SourceNone:
+		order = []Source{SourceNone}
+	default:
+		return nil, fmt.Errorf("httpx: unknown source %q", opts.Source)
+	}
+	for i, name := range order {
+		src, err := m.start(name)
+		if err == nil {
+			m.src = src
+			break
+		}
+		log.Warn("detection source failed to start, falling back", "source", name, "fallback", order[i+1], "err", err)
+	}
+	m.metrics = newMetrics(m.src.name())
+	log.Info("detecting client aborts", "source", m.src.name(), "drop_timeout", m.drop.timeout())
+	return m, nil
+}
+
+func (m *Monitor) start(name Source) (source, error) {
+	switch name {
+	case SourceBPF:
+		s, err := startBPF(m.opts.BPF, m, m.log)
+		if err != nil {
+			return nil, fmt.Errorf("loading the probe: %w", err)
+		}
+		return s, nil
+	case SourceEpoll:
+		return startEpoll(m, m.log)
+	}
+	return noSource{}, nil
+}
+
+func (d dropSettings) timeout() time.Duration {
+	if !d.enabled {
+		return 0
+	}
+	return time.Duration(d.opts.userTimeout)*time.Millisecond + time.Duration(d.opts.intvl)*time.Second
+}
+
+func cmpOr(v, def time.Duration) time.Duration {
+	if v > 0 {
+		return v
+	}
+	return def
+}
+
+// Source returns the detection source in use.
+func (m *Monitor) Source() Source { return m.src.name() }
+
+// Configure wires the Monitor into srv: it sets srv.ConnContext and
+// srv.ConnState, calling any functions already there, so that every
+// connection srv accepts is tracked (any listener, TLS, Serve or ServeTLS,
+// HTTP/1.x and HTTP/2 over TLS or cleartext). Call it before the server
+// starts, and do not replace those two fields afterwards: the epoll source
+// releases a connection's duplicate descriptor only when ConnState reports
+// it closed or hijacked.
+func (m *Monitor) Configure(srv *http.Server) {
+	prevCtx, prevState := srv.ConnContext, srv.ConnState
+	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
+		if prevCtx != nil {
+			ctx = prevCtx(ctx, c)
+		}
+		return m.connContext(ctx, c)
+	}
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		m.connState(c, st)
+		if prevState != nil {
+			prevState(c, st)
+		}
+	}
+	m.mu.Lock()
+	m.servers = append(m.servers, srv)
+	m.mu.Unlock()
+}
+
+func (m *Monitor) connContext(ctx context.Context, nc net.Conn) context.Context {
+	c, err := newConn(m, nc)
+	if err != nil {
+		m.log.Debug("connection not tracked", "remote", nc.RemoteAddr(), "err", err)
+		return ctx
+	}
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
+		return ctx
+	}
+	if err := m.src.watch(c); err != nil {
+		m.log.Warn("connection not watched", "remote", nc.RemoteAddr(), "err", err)
+	}
+	m.mu.Lock()
+	m.byCookie[c.cookie] = c
+	m.byNetConn[nc] = c
+	ev, seen := m.recent[c.cookie]
+	delete(m.recent, c.cookie)
+	m.mu.Unlock()
+	if seen {
+		c.report(ev)
+	}
+	return context.WithValue(ctx, connKey{}, c)
+}
+
+func (m *Monitor) connState(nc net.Conn, st http.ConnState) {
+	switch st {
+	case http.StateIdle:
+		m.mu.Lock()
+		c := m.byNetConn[nc]
+		m.mu.Unlock()
+		if c != nil {
+			c.responded()
+		}
+	case http.StateClosed, http.StateHijacked:
+		m.mu.Lock()
+		c := m.byNetConn[nc]
+		delete(m.byNetConn, nc)
+		m.mu.Unlock()
+		if c == nil {
+			return
+		}
+		m.src.unwatch(c)
+		c.markClosed()
+		// A delivery wait still wants to hear how the connection ends;
+		// the last release forgets it.
+		c.mu.Lock()
+		linger := c.busy > 0
+		c.lingering = linger
+		c.mu.Unlock()
+		if !linger {
+			// Events the kernel raised just before net/http closed the
+			// connection may still be on their way; requests whose context
+			// net/http cancelled on closing are waiting for them.
+			time.AfterFunc(closeLinger, func() { m.forget(c) })
+		}
+	}
+}
+
+// forget stops routing events to a closed connection.
+func (m *Monitor) forget(c *conn) {
+	m.mu.Lock()
+	if m.byCookie[c.cookie] == c {
+		delete(m.byCookie, c.cookie)
+	}
+	m.mu.Unlock()
+}
+
+// deliver implements sink.
+func (m *Monitor) deliver(cookie uint64, ev event) {
+	m.mu.Lock()
+	c := m.byCookie[cookie]
+	if c == nil {
+		if m.closed {
+			m.mu.Unlock()
+			return
+		}
+		if old, ok := m.recent[cookie]; !ok || old.reason == ReasonPeerFIN {
+			if !ok {
+				if evicted := m.ring[m.ringNext]; evicted != 0 {
+					delete(m.recent, evicted)
+				}
+				m.ring[m.ringNext] = cookie
+				m.ringNext = (m.ringNext + 1) % len(m.ring)
+			}
+			m.recent[cookie] = ev
+		}
+		m.mu.Unlock()
+		return
+	}
+	m.mu.Unlock()
+	c.report(ev)
+}
+
+// goBackground runs fn as a tracked continuation.
+func (m *Monitor) goBackground(ctx context.Context, fn func(context.Context)) {
+	ctx, cancel := context.WithCancel(ctx)
+	stop := context.AfterFunc(m.bgCtx, cancel)
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		defer stop()
+		defer cancel()
+		defer func() {
+			if p := recover(); p != nil {
+				m.log.Error("background continuation panicked", "err", panicErr(p), "stack", string(debug.Stack()))
+			}
+		}()
+		fn(ctx)
+	}()
+}
+
+func panicErr(p any) error {
+	if err, ok := p.(error); ok {
+		return err
+	}
+	return fmt.Errorf("%v", p)
+}
+
+// Wait waits until every handler (including finished and timed-out ones
+// still running), shutdown function and continuation started with
+// State.Go has returned, or until ctx is done; then it cancels the
+// continuations' contexts and returns ctx's error.
+func (m *Monitor) Wait(ctx context.Context) error {
+	done := make(chan struct{})
+	go func() {
+		m.wg.Wait()
+		close(done)
+	}()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		m.bgCancel()
+		return ctx.Err()
+	}
+}
+
+// Shutdown shuts down gracefully every server passed to Configure
+// (http.Server.Shutdown), then waits for the background work (see Wait).
+// It returns the first error.
+func (m *Monitor) Shutdown(ctx context.Context) error {
+	m.mu.Lock()
+	servers := append([]*http.Server(nil), m.servers...)
+	m.mu.Unlock()
+	var errs []error
+	for _, srv := range servers {
+		errs = append(errs, srv.Shutdown(ctx))
+	}
+	errs = append(errs, m.Wait(ctx))
+	return errors.Join(errs...)
+}
+
+// Close stops the detection source and cancels the contexts of running
+// continuations. It does not wait for handlers: use Shutdown first.
+// Requests still running are no longer marked aborted by the kernel.
+func (m *Monitor) Close() error {
+	m.mu.Lock()
+	if m.closed {
+		m.mu.Unlock()
+		return nil
+	}
+	m.closed = true
+	m.mu.Unlock()
+	m.bgCancel()
+	return m.src.close()
+}
