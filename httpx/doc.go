@@ -53,13 +53,33 @@
 //
 // # Detection sources
 //
-// Options.Source picks where aborts come from: SourceBPF loads the kernel
-// probe (package bpf) into the process and needs CAP_BPF and CAP_PERFMON;
-// SourceEpoll needs no privileges and watches each connection in a private
-// epoll set (it sees FIN, RST and kernel timeouts, and tells a
-// retransmission timeout from a keepalive timeout by the kernel's
-// counters). The default tries them in that order. The source in use is
-// logged once and exported as hangup_http_detection_source.
+// Options.Source picks where aborts come from. SourceAgent: the host agent
+// (hangupd) holds the kernel probe and streams the events of this server's
+// connections over its unix socket (Options.AgentSocket, default
+// /run/hangup/hangup.sock); the server needs no privileges, only access to
+// the socket. SourceBPF loads the kernel probe (package bpf) into the
+// process and needs CAP_BPF and CAP_PERFMON. SourceEpoll needs no
+// privileges and watches each connection in a private epoll set (it sees
+// FIN, RST and kernel timeouts, and tells a retransmission timeout from a
+// keepalive timeout by the kernel's counters). The default tries the agent
+// if its socket exists, then BPF, then epoll, logging each fallback as a
+// warning. The source in use is logged once and exported as
+// hangup_http_detection_source.
+//
+// The agent learns the server's listening sockets from their file
+// descriptors, which net/http does not expose: serve through
+// Monitor.Listener, which passes each listener to the agent (again after
+// every agent restart):
+//
+//	ln, err := net.Listen("tcp", ":8080")
+//	...
+//	err = srv.Serve(m.Listener(ln))
+//
+// When the agent goes away, every connection is watched with epoll until
+// it returns (reconnection with capped exponential backoff and jitter), so
+// no request in flight goes unwatched; each switch is logged and shown by
+// hangup_http_detection_source. Connections on listeners the agent does
+// not know are always watched with epoll.
 //
 // # Metrics
 //

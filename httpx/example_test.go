@@ -6,6 +6,7 @@ import (
 	"io"
 	"log"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"time"
@@ -134,4 +135,26 @@ func ExampleMonitor_Collect() {
 	// reg := prometheus.NewRegistry(); reg.MustRegister(m)
 	fmt.Println(m.Source(), m.Stats().Undelivered)
 	// Output: none 0
+}
+
+// A server without privileges that learns about departed clients from the
+// host agent (hangupd). Its listener is passed to the agent through
+// Listener; if the agent restarts, the Monitor watches the connections with
+// epoll meanwhile and registers the listener again.
+func ExampleMonitor_Listener() {
+	m, err := httpx.New(httpx.Options{
+		Source:      httpx.SourceAgent,
+		AgentSocket: "/run/hangup/hangup.sock", // the default
+	})
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer m.Close()
+	srv := &http.Server{Handler: m.Handler(http.NotFoundHandler())}
+	m.Configure(srv)
+	ln, err := net.Listen("tcp", ":8080")
+	if err != nil {
+		log.Fatal(err)
+	}
+	log.Fatal(srv.Serve(m.Listener(ln)))
 }

@@ -24,7 +24,7 @@ var (
 		nil, nil)
 	sourceDesc = prometheus.NewDesc(
 		prometheus.BuildFQName(namespace, "http", "detection_source"),
-		"The detection source in use (1) and the others (0).",
+		"The detection source in use (1) and the others (0). The agent source shows epoll while the agent is away.",
 		[]string{"source"}, nil)
 )
 
@@ -33,16 +33,14 @@ var outcomes = [4]string{"normal", "aborted", "timeout", "aborted_timeout"}
 // metrics holds the Monitor's counters. Counters are atomics; Collect
 // turns them into constant metrics.
 type metrics struct {
-	source      Source
 	requests    [4]atomic.Uint64 // by Status
 	aborts      [numReasons]atomic.Uint64
 	undelivered atomic.Uint64
 	latency     prometheus.Histogram
 }
 
-func newMetrics(src Source) *metrics {
+func newMetrics() *metrics {
 	return &metrics{
-		source: src,
 		latency: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Namespace: namespace,
 			Subsystem: "http",
@@ -79,9 +77,10 @@ func (m *Monitor) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(abortsDesc, prometheus.CounterValue, float64(x.aborts[r].Load()), r.String())
 	}
 	ch <- prometheus.MustNewConstMetric(undeliveredDesc, prometheus.CounterValue, float64(x.undelivered.Load()))
+	cur := m.Source()
 	for _, s := range sources {
 		v := 0.0
-		if s == x.source {
+		if s == cur {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(sourceDesc, prometheus.GaugeValue, v, string(s))

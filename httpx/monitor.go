@@ -12,14 +12,22 @@ import (
 	"time"
 
 	"github.com/hangup-io/hangup/bpf"
+	"github.com/hangup-io/hangup/internal/wire"
 )
 
 // Options configures a Monitor. The zero value is a valid configuration.
 type Options struct {
 	// Source picks the detection source. The zero value, SourceAuto, tries
-	// SourceBPF, then SourceEpoll. An explicit source that fails to start
-	// falls back to the next one (bpf, epoll, none) with a warning.
+	// SourceAgent if a socket exists at AgentSocket, then SourceBPF, then
+	// SourceEpoll. A source that fails to start falls back to the next one
+	// (agent, bpf, epoll, none) with a warning, except an explicit
+	// SourceAgent: when the agent cannot be reached at start, it starts
+	// watching with epoll and keeps trying to connect (see SourceAgent).
 	Source Source
+
+	// AgentSocket is the agent's unix socket, for SourceAgent. Empty means
+	// /run/hangup/hangup.sock, the agent's default.
+	AgentSocket string
 
 	// DropTimeout bounds how long a client can be silently gone (link down,
 	// no FIN or RST) before its request is marked aborted, while the
@@ -105,9 +113,17 @@ func New(opts Options) (*Monitor, error) {
 		ring:      make([]uint64, recentEvents),
 	}
 	m.bgCtx, m.bgCancel = context.WithCancel(context.Background())
+	m.metrics = newMetrics()
 	var order []Source
 	switch opts.Source {
-	case SourceAuto, SourceBPF:
+	case SourceAuto:
+		order = []Source{SourceBPF, SourceEpoll, SourceNone}
+		if agentSocketExists(m.agentSocket()) {
+			order = append([]Source{SourceAgent}, order...)
+		}
+	case SourceAgent:
+		order = []Source{SourceAgent, SourceEpoll, SourceNone}
+	case SourceBPF:
 		order = []Source{SourceBPF, SourceEpoll, SourceNone}
 	case SourceEpoll:
 		order = []Source{SourceEpoll, SourceNone}
@@ -124,7 +140,6 @@ func New(opts Options) (*Monitor, error) {
 		}
 		log.Warn("detection source failed to start, falling back", "source", name, "fallback", order[i+1], "err", err)
 	}
-	m.metrics = newMetrics(m.src.name())
 	log.Info("detecting client aborts", "source", m.src.name(), "drop_timeout", m.drop.timeout())
 	return m, nil
 }
@@ -139,8 +154,47 @@ func (m *Monitor) start(name Source) (source, error) {
 		return s, nil
 	case SourceEpoll:
 		return startEpoll(m, m.log)
+	case SourceAgent:
+		// An explicit agent source outlives an agent that is not
+		// there yet; the automatic choice falls back instead.
+		s, err := startAgent(m.agentSocket(), m.opts.Source == SourceAgent, m, m.log)
+		if err != nil {
+			return nil, fmt.Errorf("connecting to the agent: %w", err)
+		}
+		return s, nil
 	}
 	return noSource{}, nil
+}
+
+func (m *Monitor) agentSocket() string {
+	if m.opts.AgentSocket != "" {
+		return m.opts.AgentSocket
+	}
+	return wire.DefaultSocketPath
+}
+
+// Listener returns ln so that connections accepted on it are watched by
+// the host agent: with SourceAgent, the listening socket is passed to the
+// agent once (and again whenever the agent restarts), and the agent then
+// streams the events of its connections. Serve the returned listener:
+//
+//	ln, err := net.Listen("tcp", ":8080")
+//	...
+//	err = srv.Serve(m.Listener(ln))
+//
+// ln must be a TCP listener with a file descriptor (*net.TCPListener, or
+// anything implementing syscall.Conn): for TLS, pass the TCP listener and
+// use ServeTLS, or wrap the result with tls.NewListener. Registration
+// happens in the background: connections accepted before it completes, on
+// listeners not passed through Listener, or on a listener the agent
+// refused are watched with epoll instead, so none goes unwatched. Closing the returned
+// listener closes ln and stops registering it. With any other source,
+// Listener returns ln itself.
+func (m *Monitor) Listener(ln net.Listener) net.Listener {
+	if s, ok := m.src.(*agentSource); ok {
+		return s.addListener(ln)
+	}
+	return ln
 }
 
 func (d dropSettings) timeout() time.Duration {
@@ -157,7 +211,8 @@ func cmpOr(v, def time.Duration) time.Duration {
 	return def
 }
 
-// Source returns the detection source in use.
+// Source returns the detection source in use. With SourceAgent it is
+// SourceEpoll while the agent is away.
 func (m *Monitor) Source() Source { return m.src.name() }
 
 // Configure wires the Monitor into srv: it sets srv.ConnContext and
@@ -166,7 +221,8 @@ func (m *Monitor) Source() Source { return m.src.name() }
 // HTTP/1.x and HTTP/2 over TLS or cleartext). Call it before the server
 // starts, and do not replace those two fields afterwards: the epoll source
 // releases a connection's duplicate descriptor only when ConnState reports
-// it closed or hijacked.
+// it closed or hijacked. net/http does not show srv's listeners here: with
+// SourceAgent, also serve through Monitor.Listener.
 func (m *Monitor) Configure(srv *http.Server) {
 	prevCtx, prevState := srv.ConnContext, srv.ConnState
 	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {

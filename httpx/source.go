@@ -9,8 +9,18 @@ type Source string
 // Sources. Options.Source picks one; the zero value picks the best that
 // starts.
 const (
-	// SourceAuto tries SourceBPF, then SourceEpoll.
+	// SourceAuto tries SourceAgent if the agent's socket exists, then
+	// SourceBPF, then SourceEpoll.
 	SourceAuto Source = ""
+	// SourceAgent receives the events of the server's connections from
+	// the host agent (hangupd) over its unix socket (Options.AgentSocket).
+	// It needs no privileges, only access to the socket, and sees what
+	// SourceBPF sees, for connections accepted on listeners passed through
+	// Monitor.Listener. While the agent is away (restarting, or not yet
+	// started) it watches every connection with SourceEpoll, reconnects
+	// with capped exponential backoff, and switches back when the agent
+	// returns; Monitor.Source reports the source in effect.
+	SourceAgent Source = "agent"
 	// SourceBPF loads the kernel probe (package bpf) into this process. It
 	// needs CAP_BPF and CAP_PERFMON (or root) and sees every abort, including
 	// the ones that happen between accept and the first request.
@@ -27,7 +37,7 @@ const (
 )
 
 // sources lists the sources the core knows, best first, for the metric.
-var sources = []Source{SourceBPF, SourceEpoll, SourceNone}
+var sources = []Source{SourceAgent, SourceBPF, SourceEpoll, SourceNone}
 
 // event is what a source reports about one connection, keyed by socket
 // cookie (getsockopt SO_COOKIE), the key every source can produce: the
@@ -46,14 +56,15 @@ type sink interface {
 	deliver(cookie uint64, ev event)
 }
 
-// source is a detection source. A new one (the host agent, which streams
-// events keyed by socket cookie for registered listeners) needs only to
-// implement it and be added to startSource.
+// source is a detection source. A new one needs only to implement it and
+// be added to Monitor.start.
 //
 // watch and unwatch are called for every tracked connection, from the
-// goroutines of net/http's hooks; sources that observe the whole host
-// (bpf, agent) can ignore them. close stops the source; no event is
-// delivered after it returns.
+// goroutines of net/http's hooks; a source that observes the whole host
+// (bpf) can ignore them, the agent source uses them to hand connections to
+// epoll while the agent is away. name may change while the source runs
+// (the agent source). close stops the source; no event is delivered after
+// it returns.
 type source interface {
 	name() Source
 	watch(c *conn) error

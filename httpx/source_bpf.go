@@ -53,17 +53,25 @@ func (s *bpfSource) read() {
 	}
 }
 
-// bpfReason maps a probe event to an abort reason. Timeouts are taken from
-// the closed event, which follows the error event at once and tells the
-// keepalive timeout from the retransmission timeout.
+// bpfReason maps a probe event to an abort reason.
 func bpfReason(e *bpf.Event) (Reason, bool) {
-	switch e.Kind {
+	return probeReason(e.Kind, e.Cause, e.Err)
+}
+
+// probeReason maps what the kernel probe reports about a connection (its
+// event kind, close cause and socket error) to an abort reason. The
+// in-process probe and the agent (which relays the probe's events) share
+// it. Timeouts are taken from the closed event, which follows the error
+// event at once and tells the keepalive timeout from the retransmission
+// timeout.
+func probeReason(kind bpf.Kind, cause bpf.Cause, errno syscall.Errno) (Reason, bool) {
+	switch kind {
 	case bpf.KindPeerFIN:
 		return ReasonPeerFIN, true
 	case bpf.KindPeerReset:
 		return ReasonPeerReset, true
 	case bpf.KindClosed:
-		switch e.Cause {
+		switch cause {
 		case bpf.CausePeerReset:
 			return ReasonPeerReset, true
 		case bpf.CauseTimeout, bpf.CauseProbeTimeout:
@@ -74,7 +82,7 @@ func bpfReason(e *bpf.Event) (Reason, bool) {
 			return ReasonError, true
 		}
 	case bpf.KindError:
-		if e.Err == syscall.ECONNRESET {
+		if errno == syscall.ECONNRESET {
 			return ReasonPeerReset, true
 		}
 	}
