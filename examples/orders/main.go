@@ -14,6 +14,7 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -35,7 +36,7 @@ func main() {
 func run() error {
 	addr := flag.String("web.listen-address", ":8080", "address to listen on")
 	dbPath := flag.String("db.path", "orders.db", "bbolt database file")
-	source := flag.String("httpx.source", "", "detection source: bpf, epoll, none (default: best available)")
+	source := flag.String("httpx.source", "", "detection source: agent, bpf, epoll, none (default: best available)")
 	drop := flag.Duration("httpx.drop-timeout", 10*time.Second, "how long a silently vanished client may go unnoticed")
 	flag.Parse()
 
@@ -64,8 +65,14 @@ func run() error {
 	srv := &http.Server{Addr: *addr, Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	m.Configure(srv)
 
+	ln, err := net.Listen("tcp", *addr)
+	if err != nil {
+		return err
+	}
 	errc := make(chan error, 1)
-	go func() { errc <- srv.ListenAndServe() }()
+	// m.Listener registers the listening socket with the host agent, when
+	// that is the source, so the agent streams this server's events.
+	go func() { errc <- srv.Serve(m.Listener(ln)) }()
 	log.Info("listening", "addr", *addr)
 	select {
 	case err := <-errc:
