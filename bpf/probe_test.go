@@ -477,3 +477,58 @@ func waitReadable(t *testing.T, c net.Conn) {
 	}
 	t.Fatal("no data arrived")
 }
+
+// TestCountersExactWhenRingFull: with a one-page ring buffer that nobody
+// reads, most events are lost, and the counters are still exact.
+func TestCountersExactWhenRingFull(t *testing.T) {
+	pair := testnet.NewPair(t)
+	p := probetest.Load(t, bpf.Options{RingBufferSize: 4096})
+	const port, n = 24243, 100 // a port no other test uses, outside the ephemeral range
+	ln, err := pair.Server.Listen("tcp4", fmt.Sprintf("%s:%d", testnet.ServerAddr4, port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	for range n {
+		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc.(*net.TCPConn).SetLinger(0)
+		cc.Close()
+		waitReadableOrClosed(sc)
+		sc.Close()
+	}
+	var got bpf.PortCounters
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		counters, err := p.PortCounters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got = counters[port]; got.ClosedTotal() == n {
+			break
+		}
+	}
+	want := bpf.PortCounters{Opened: n, PeerReset: n, Errors: n}
+	want.Closed[bpf.CausePeerReset] = n
+	if got != want {
+		t.Errorf("counters\n got %+v\nwant %+v", got, want)
+	}
+	st, err := p.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Lost == 0 || st.Events+st.Lost < 4*n {
+		t.Errorf("stats %+v: want lost events (4 events per connection into a one-page ring)", st)
+	}
+}
+
+// waitReadableOrClosed waits until the peer's RST has reached c.
+func waitReadableOrClosed(c net.Conn) {
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	c.Read(make([]byte, 1))
+}
