@@ -78,6 +78,7 @@ type Agent struct {
 
 	ln   *net.UnixListener
 	path string
+	sock os.FileInfo // the socket file we created
 
 	events  atomic.Uint64 // events read from the source
 	dropped atomic.Uint64 // events dropped for slow subscribers, all sessions
@@ -133,6 +134,11 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	a.ln = ln
+	a.sock, err = os.Lstat(cfg.SocketPath)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("checking the socket file: %w", err)
+	}
 	return a, nil
 }
 
@@ -210,6 +216,10 @@ func (a *Agent) SocketPath() string { return a.path }
 // scraping Collector before Run returns. It returns
 // nil after ctx ends, and the source's error otherwise.
 func (a *Agent) Run(ctx context.Context) error {
+	// Read first: on a busy host the dump takes a while, and the ring
+	// buffer must not fill meanwhile.
+	readErr := make(chan error, 1)
+	go func() { readErr <- a.readLoop() }()
 	if !a.cfg.NoSeed {
 		n, err := a.seedHost()
 		if err != nil {
@@ -218,27 +228,72 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("seeded connections that existed before start", "connections", n)
 		}
 	}
-	a.wg.Add(1)
+	a.wg.Add(2)
 	go func() {
 		defer a.wg.Done()
 		a.acceptLoop()
 	}()
-
-	readErr := make(chan error, 1)
-	go func() { readErr <- a.readLoop() }()
+	stopReconcile := make(chan struct{})
+	go func() {
+		defer a.wg.Done()
+		a.reconcileLoop(stopReconcile)
+	}()
 
 	// Sessions end before the source closes: they read its counters.
 	var err error
 	select {
 	case <-ctx.Done():
+		close(stopReconcile)
 		a.Close()
 		a.src.Close()
 		<-readErr
 	case err = <-readErr:
+		close(stopReconcile)
 		a.Close()
 		a.src.Close()
 	}
 	return err
+}
+
+// reconcileInterval is how often the agent checks for lost events.
+const reconcileInterval = 30 * time.Second
+
+// reconcileLoop drops table entries of connections the probe no longer
+// tracks, whenever the probe reports lost events: their closed event may be
+// among them. The probe's own map is exact (entries leave at destroy).
+func (a *Agent) reconcileLoop(stop <-chan struct{}) {
+	t := time.NewTicker(reconcileInterval)
+	defer t.Stop()
+	var lost uint64
+	for {
+		select {
+		case <-stop:
+			return
+		case <-t.C:
+		}
+		st, err := a.src.Stats()
+		if err != nil || st.Lost == lost {
+			continue
+		}
+		lost = st.Lost
+		if n, err := a.reconcile(); err != nil {
+			a.log.Warn("reconciling the connection table after lost events", "err", err)
+		} else if n > 0 {
+			a.log.Info("removed connections whose close event was lost", "connections", n)
+		}
+	}
+}
+
+// reconcile keeps only the table entries the probe still tracks.
+func (a *Agent) reconcile() (int, error) {
+	tracked := make(map[uint64]struct{}, a.table.len())
+	if err := a.src.TrackedCookies(func(c uint64) bool {
+		tracked[c] = struct{}{}
+		return true
+	}); err != nil {
+		return 0, err
+	}
+	return a.table.keepOnly(func(c uint64) bool { _, ok := tracked[c]; return ok }), nil
 }
 
 func (a *Agent) readLoop() error {
@@ -262,6 +317,12 @@ func (a *Agent) readLoop() error {
 // subscribers. It must never wait for a subscriber.
 func (a *Agent) handle(e *bpf.Event) {
 	a.events.Add(1)
+	if e.Kind == bpf.KindListenerClosed {
+		for _, l := range a.routes.removeClosed(e.Cookie) {
+			l.sub.forget(l)
+		}
+		return
+	}
 	a.table.observe(e)
 	a.routes.deliver(e)
 }
@@ -287,8 +348,12 @@ func (a *Agent) Close() error {
 		s.shutdown()
 	}
 	a.wg.Wait()
-	if rerr := os.Remove(a.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
-		err = errors.Join(err, rerr)
+	// Remove the file only if it is still ours: a new agent may already
+	// have replaced it (a rolling restart).
+	if fi, serr := os.Lstat(a.path); serr == nil && a.sock != nil && os.SameFile(fi, a.sock) {
+		if rerr := os.Remove(a.path); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			err = errors.Join(err, rerr)
+		}
 	}
 	return err
 }

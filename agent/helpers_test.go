@@ -71,6 +71,21 @@ func (f *fakeSource) Untrack(cookie uint64) error {
 	return nil
 }
 
+func (f *fakeSource) TrackedCookies(fn func(uint64) bool) error {
+	f.mu.Lock()
+	cookies := make([]uint64, 0, len(f.track))
+	for c := range f.track {
+		cookies = append(cookies, c)
+	}
+	f.mu.Unlock()
+	for _, c := range cookies {
+		if !fn(c) {
+			break
+		}
+	}
+	return nil
+}
+
 func (f *fakeSource) Close() error {
 	f.once.Do(func() { close(f.done) })
 	return nil

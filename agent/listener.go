@@ -14,6 +14,7 @@ var errNotListener = errors.New("not a listening TCP socket")
 
 // listenerInfo is what the agent learns from a subscriber's listening fd.
 type listenerInfo struct {
+	cookie uint64 // SO_COOKIE: the probe reports it when the listener closes
 	netns  uint64
 	addr   netip.AddrPort // unmapped
 	v6only bool           // an IPv6 wildcard that does not accept IPv4
@@ -74,6 +75,10 @@ func inspectListener(fd int) (listenerInfo, error) {
 	li.netns, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 	if err != nil {
 		return li, fmt.Errorf("SO_NETNS_COOKIE: %w", err)
+	}
+	li.cookie, err = unix.GetsockoptUint64(fd, unix.SOL_SOCKET, unix.SO_COOKIE)
+	if err != nil {
+		return li, fmt.Errorf("SO_COOKIE: %w", err)
 	}
 	return li, nil
 }

@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"slices"
 	"sync"
 
 	"github.com/hangup-io/hangup/bpf"
@@ -44,23 +45,50 @@ func (r *routes) add(sub *subscriber, info listenerInfo) *listener {
 
 // removeAll drops every listener of sub.
 func (r *routes) removeAll(sub *subscriber) {
+	sub.mu.Lock()
+	ls := slices.Clone(sub.listeners)
+	sub.mu.Unlock()
 	r.mu.Lock()
 	defer r.mu.Unlock()
-	for _, l := range sub.listeners {
-		k := connKey{netns: l.info.netns, port: l.info.addr.Port()}
-		ls := r.byKey[k]
-		out := ls[:0]
-		for _, x := range ls {
-			if x != l {
-				out = append(out, x)
+	for _, l := range ls {
+		r.removeLocked(l)
+	}
+}
+
+// removeClosed drops the listeners whose socket closed (the probe's
+// KindListenerClosed): their port may next belong to someone else. It
+// returns them.
+func (r *routes) removeClosed(cookie uint64) []*listener {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var gone []*listener
+	for _, ls := range r.byKey {
+		for _, l := range ls {
+			if l.info.cookie == cookie {
+				gone = append(gone, l)
 			}
 		}
-		clear(ls[len(out):])
-		if len(out) == 0 {
-			delete(r.byKey, k)
-		} else {
-			r.byKey[k] = out
+	}
+	for _, l := range gone {
+		r.removeLocked(l)
+	}
+	return gone
+}
+
+func (r *routes) removeLocked(l *listener) {
+	k := connKey{netns: l.info.netns, port: l.info.addr.Port()}
+	ls := r.byKey[k]
+	out := ls[:0]
+	for _, x := range ls {
+		if x != l {
+			out = append(out, x)
 		}
+	}
+	clear(ls[len(out):])
+	if len(out) == 0 {
+		delete(r.byKey, k)
+	} else {
+		r.byKey[k] = out
 	}
 }
 

@@ -16,6 +16,9 @@ type Source interface {
 	Track(cookie uint64, localPort uint16) error
 	// Untrack stops tracking a connection.
 	Untrack(cookie uint64) error
+	// TrackedCookies calls fn with every connection the probe tracks,
+	// until fn returns false.
+	TrackedCookies(fn func(cookie uint64) bool) error
 	// Close ends ReadInto.
 	Close() error
 }

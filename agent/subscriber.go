@@ -238,6 +238,20 @@ func (s *subscriber) register(req uint32, fd int) {
 		s.replyError(code, req, err.Error())
 		return
 	}
+	// The same listener again (a retry, or a second Register of one
+	// socket): answer with the route it already has, so that no event is
+	// queued twice.
+	s.mu.Lock()
+	for _, l := range s.listeners {
+		if l.info.cookie == info.cookie {
+			s.mu.Unlock()
+			s.reply(wire.Frame{Type: wire.TypeRegistered, Registered: wire.Registered{
+				Request: req, Listener: l.id, NetNS: l.info.netns, Addr: l.info.addr,
+			}})
+			return
+		}
+	}
+	s.mu.Unlock()
 	// Connections accepted before this agent started (an agent restart)
 	// must be tracked before the answer, so that a client that has its
 	// answer can count on their events.
@@ -258,9 +272,24 @@ func (s *subscriber) register(req uint32, fd int) {
 	}})
 }
 
-// status answers a status request with one row per listener.
+// forget removes a listener whose socket closed from the session.
+func (s *subscriber) forget(l *listener) {
+	s.mu.Lock()
+	s.listeners = slices.DeleteFunc(s.listeners, func(x *listener) bool { return x == l })
+	s.mu.Unlock()
+	s.log.Info("listener closed: no longer routed", "listener", l.id, "addr", l.info.addr, "netns", l.info.netns)
+}
+
+// sees reports whether this session may see o's rows in a status answer:
+// its own user's sessions, or every session for root and the agent's user.
+func (s *subscriber) sees(o *subscriber) bool {
+	return s.cred.Uid == 0 || int(s.cred.Uid) == os.Geteuid() || s.cred.Uid == o.cred.Uid
+}
+
+// status answers a status request with one row per listener, for the
+// sessions the caller may see (see sees).
 func (s *subscriber) status() {
-	subs := s.a.subscribers()
+	subs := slices.DeleteFunc(s.a.subscribers(), func(o *subscriber) bool { return !s.sees(o) })
 	slices.SortFunc(subs, func(x, y *subscriber) int { return int(x.id) - int(y.id) })
 	for _, o := range subs {
 		o.mu.Lock()

@@ -65,3 +65,19 @@ func (t *table) len() int {
 	defer t.mu.Unlock()
 	return len(t.conns)
 }
+
+// keepOnly removes the entries whose cookie alive rejects and returns how
+// many it removed: connections whose closed event was lost when the ring
+// buffer was full.
+func (t *table) keepOnly(alive func(cookie uint64) bool) int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	n := 0
+	for c := range t.conns {
+		if !alive(c) {
+			delete(t.conns, c)
+			n++
+		}
+	}
+	return n
+}

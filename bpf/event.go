@@ -21,16 +21,20 @@ const (
 	KindError      Kind = 5 // sk_err was set; Event.Err says which
 	KindRetransmit Kind = 6 // a segment was retransmitted
 	KindClosed     Kind = 7 // the connection reached TCP_CLOSE; Event.Cause says why
+	// KindListenerClosed: a listening socket closed. Cookie is the
+	// listener's; it is not a connection event and no counter counts it.
+	KindListenerClosed Kind = 8
 )
 
 var kindNames = [...]string{
-	KindOpened:     "opened",
-	KindPeerFIN:    "peer_fin",
-	KindPeerReset:  "peer_reset",
-	KindLocalReset: "local_reset",
-	KindError:      "error",
-	KindRetransmit: "retransmit",
-	KindClosed:     "closed",
+	KindOpened:         "opened",
+	KindPeerFIN:        "peer_fin",
+	KindPeerReset:      "peer_reset",
+	KindLocalReset:     "local_reset",
+	KindError:          "error",
+	KindRetransmit:     "retransmit",
+	KindClosed:         "closed",
+	KindListenerClosed: "listener_closed",
 }
 
 // String returns the kind's snake_case name, as used in metrics and the CLI.

@@ -49,7 +49,7 @@ func TestEnumsMatchC(t *testing.T) {
 		KindOpened: probeKindKIND_OPENED, KindPeerFIN: probeKindKIND_PEER_FIN,
 		KindPeerReset: probeKindKIND_PEER_RESET, KindLocalReset: probeKindKIND_LOCAL_RESET,
 		KindError: probeKindKIND_ERROR, KindRetransmit: probeKindKIND_RETRANSMIT,
-		KindClosed: probeKindKIND_CLOSED,
+		KindClosed: probeKindKIND_CLOSED, KindListenerClosed: probeKindKIND_LISTENER_CLOSED,
 	}
 	for g, c := range kinds {
 		if uint32(g) != uint32(c) {

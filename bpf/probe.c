@@ -30,6 +30,7 @@ enum kind {
 	KIND_ERROR = 5,
 	KIND_RETRANSMIT = 6,
 	KIND_CLOSED = 7,
+	KIND_LISTENER_CLOSED = 8, /* a listening socket closed (not a connection) */
 };
 
 /* Close causes. Keep in sync with Cause in event.go (checked by a test). */
@@ -291,6 +292,24 @@ static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
 	return bpf_map_lookup_elem(&conns, cookie);
 }
 
+/*
+ * mptcp_parent_cookie returns the cookie of the MPTCP socket that owns a
+ * listening TCP subflow, or 0. Only MPTCP attaches a ULP to a listener; the
+ * parent's cookie is read, not generated: userspace that cares has already
+ * asked for it with SO_COOKIE.
+ */
+static __always_inline __u64 mptcp_parent_cookie(const struct sock *sk)
+{
+	const struct inet_connection_sock *icsk = (const void *)sk;
+	struct mptcp_subflow_context *ctx = BPF_CORE_READ(icsk, icsk_ulp_data);
+	if (!ctx)
+		return 0;
+	struct sock *parent = BPF_CORE_READ(ctx, conn);
+	if (!parent || BPF_CORE_READ(parent, sk_protocol) != IPPROTO_MPTCP)
+		return 0;
+	return BPF_CORE_READ(parent, __sk_common.skc_cookie.counter);
+}
+
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
@@ -314,6 +333,22 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		}
 		COUNT(c.lport, opened);
 		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
+		return 0;
+	}
+
+	if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+		/* A listener closed: whoever routed its connections' events by
+		 * its cookie must stop, for its port may be reused by another. */
+		cookie = bpf_get_socket_cookie((void *)sk);
+		emit(sk, cookie, sk->__sk_common.skc_num, KIND_LISTENER_CLOSED, CAUSE_NONE, 0, 0,
+		     oldstate, newstate);
+		/* An MPTCP listener (Go's default) is a TCP subflow listener
+		 * under an MPTCP socket: userspace holds the MPTCP socket and
+		 * knows its cookie, so report that one too. */
+		__u64 mcookie = mptcp_parent_cookie(sk);
+		if (mcookie)
+			emit(sk, mcookie, sk->__sk_common.skc_num, KIND_LISTENER_CLOSED, CAUSE_NONE, 0, 0,
+			     oldstate, newstate);
 		return 0;
 	}
 

@@ -69,13 +69,14 @@ type probeEvent struct {
 type probeKind uint32
 
 const (
-	probeKindKIND_OPENED      probeKind = 1
-	probeKindKIND_PEER_FIN    probeKind = 2
-	probeKindKIND_PEER_RESET  probeKind = 3
-	probeKindKIND_LOCAL_RESET probeKind = 4
-	probeKindKIND_ERROR       probeKind = 5
-	probeKindKIND_RETRANSMIT  probeKind = 6
-	probeKindKIND_CLOSED      probeKind = 7
+	probeKindKIND_OPENED          probeKind = 1
+	probeKindKIND_PEER_FIN        probeKind = 2
+	probeKindKIND_PEER_RESET      probeKind = 3
+	probeKindKIND_LOCAL_RESET     probeKind = 4
+	probeKindKIND_ERROR           probeKind = 5
+	probeKindKIND_RETRANSMIT      probeKind = 6
+	probeKindKIND_CLOSED          probeKind = 7
+	probeKindKIND_LISTENER_CLOSED probeKind = 8
 )
 
 type probeStat uint32

@@ -3,6 +3,7 @@
 package bpf_test
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -403,7 +404,16 @@ func TestCloseReleasesEverything(t *testing.T) {
 	before := openFDs(t)
 	p := probetest.Load(t, bpf.Options{RingBufferSize: 4096, MaxConnections: 1024})
 	done := make(chan error, 1)
-	go func() { _, err := p.Read(); done <- err }()
+	go func() {
+		// Listener closes anywhere on the host are events too: read on
+		// until Close ends the reads.
+		for {
+			if _, err := p.Read(); err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
 	if err := p.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -531,4 +541,38 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 func waitReadableOrClosed(c net.Conn) {
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	c.Read(make([]byte, 1))
+}
+
+// TestListenerClosed: closing a listener reports its cookie (the one
+// SO_COOKIE gives on the listening fd), so that routes keyed by it can be
+// dropped before the port is reused. Go listens with MPTCP by default, where
+// the kernel's listener is a TCP subflow under the socket the fd holds.
+func TestListenerClosed(t *testing.T) {
+	for _, mptcp := range []bool{false, true} {
+		t.Run(map[bool]string{false: "tcp", true: "mptcp"}[mptcp], func(t *testing.T) {
+			e := newEnv(t)
+			var ln net.Listener
+			err := e.pair.Server.Do(func() (err error) {
+				var lc net.ListenConfig
+				lc.SetMultipathTCP(mptcp)
+				ln, err = lc.Listen(context.Background(), "tcp4", testnet.ServerAddr4.String()+":0")
+				return err
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rc, err := ln.(*net.TCPListener).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cookie uint64
+			var cerr error
+			rc.Control(func(fd uintptr) { cookie, cerr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE) })
+			if cerr != nil {
+				t.Fatal(cerr)
+			}
+			ln.Close()
+			e.rec.Wait(t, 5*time.Second, "listener_closed", probetest.Cookie(cookie, bpf.KindListenerClosed))
+		})
+	}
 }

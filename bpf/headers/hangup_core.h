@@ -51,6 +51,7 @@ enum {
 #define AF_INET 2
 #define AF_INET6 10
 #define IPPROTO_TCP 6
+#define IPPROTO_MPTCP 262
 
 #define ECONNRESET 104
 #define ETIMEDOUT 110
@@ -95,6 +96,10 @@ typedef struct {
 	struct net *net;
 } possible_net_t;
 
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
 struct sock_common {
 	__be32 skc_daddr;
 	__be32 skc_rcv_saddr;
@@ -105,6 +110,7 @@ struct sock_common {
 	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	atomic64_t skc_cookie;
 } __attribute__((preserve_access_index));
 
 struct socket;
@@ -125,6 +131,11 @@ struct inet_sock {
 struct inet_connection_sock {
 	struct inet_sock icsk_inet;
 	__u8 icsk_probes_out;
+	void *icsk_ulp_data;
+} __attribute__((preserve_access_index));
+
+struct mptcp_subflow_context {
+	struct sock *conn; /* the MPTCP socket owning this subflow */
 } __attribute__((preserve_access_index));
 
 struct tcp_sock {

@@ -134,7 +134,10 @@ func TestWatch(t *testing.T) {
 		}
 	})
 	t.Run("human", func(t *testing.T) {
-		out, done := startWatch(t, "--port", port, "--kind", "opened", "--count", "1")
+		// --netns too: other packages' tests may use the same port number
+		// in their own namespaces.
+		out, done := startWatch(t, "--port", port, "--kind", "opened", "--count", "1",
+			"--netns", strconv.FormatUint(ns, 10))
 		cookie := resetConnection(t, pair, ln)
 		select {
 		case err := <-done:

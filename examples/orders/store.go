@@ -10,23 +10,35 @@ import (
 	bolt "go.etcd.io/bbolt"
 )
 
-// Order states. An order is committed as pending, then becomes confirmed
-// when the client acknowledged the confirmation, or unconfirmed when the
-// client went away or never received it.
+// Order states. An order is committed as pending and settled once into
+// one of the other three (see the package comment).
 const (
-	StatePending     = "pending"
-	StateConfirmed   = "confirmed"
+	// StatePending: committed, not settled yet. Still pending after the
+	// server stopped means it stopped before it could settle the order.
+	StatePending = "pending"
+	// StateConfirmed: the client's TCP stack acknowledged every byte of the
+	// confirmation.
+	StateConfirmed = "confirmed"
+	// StateUnconfirmed: the client certainly did not get the confirmation:
+	// it went away (reset, timeout, link down) before acknowledging it, or
+	// the confirmation was never sent.
 	StateUnconfirmed = "unconfirmed"
+	// StateUnverified: the confirmation was sent but its delivery cannot be
+	// told (a connection httpx cannot track, or a live client that did not
+	// acknowledge it in time). Never reported as confirmed: treat it like
+	// unconfirmed when following up.
+	StateUnverified = "unverified"
 )
 
-// Order is one stored order.
+// Order is one stored order, as GET /orders/{id} returns it.
 type Order struct {
 	ID       uint64    `json:"id"`
 	Item     string    `json:"item"`
 	Quantity int       `json:"quantity"`
-	State    string    `json:"state"`
-	Reason   string    `json:"reason,omitempty"` // why it is unconfirmed
+	State    string    `json:"state"`            // pending, confirmed, unconfirmed or unverified
+	Reason   string    `json:"reason,omitempty"` // why it is unconfirmed or unverified
 	Created  time.Time `json:"created"`
+	Settled  time.Time `json:"settled,omitzero"` // when it left pending
 }
 
 var bucket = []byte("orders")
@@ -77,7 +89,7 @@ func (s *Store) Create(item string, qty int) (Order, error) {
 	return o, err
 }
 
-// SetState changes an order's state.
+// SetState settles an order: it records its state and the reason.
 func (s *Store) SetState(id uint64, state, reason string) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucket)
@@ -89,7 +101,7 @@ func (s *Store) SetState(id uint64, state, reason string) error {
 		if err := json.Unmarshal(v, &o); err != nil {
 			return err
 		}
-		o.State, o.Reason = state, reason
+		o.State, o.Reason, o.Settled = state, reason, time.Now().UTC()
 		v, err := json.Marshal(o)
 		if err != nil {
 			return err
