@@ -232,10 +232,61 @@ func TestBadInput(t *testing.T) {
 		r := dialRaw(t, a)
 		r.expectError(wire.CodeUnexpected, true)
 	})
-	t.Run("vanishes", func(t *testing.T) {
+	t.Run("status request before hello", func(t *testing.T) {
 		r := dialRaw(t, a)
-		r.hello()
-		r.conn.Close()
+		f, _ := wire.Append(nil, &wire.Frame{Type: wire.TypeStatusRequest})
+		r.conn.WriteRaw(f)
+		r.expectError(wire.CodeUnexpected, true)
+	})
+	t.Run("unknown type before hello", func(t *testing.T) {
+		r := dialRaw(t, a)
+		f, _ := wire.Append(nil, &wire.Frame{Type: wire.TypeStatusRequest})
+		f[3] = 0xee // header byte 3 is the type
+		r.conn.WriteRaw(f)
+		r.expectError(wire.CodeUnknownType, true)
+	})
+	t.Run("vanishes", func(t *testing.T) {
+		// A subscriber with a listener disappears while its events flow:
+		// its session and route go, and another subscriber is served on.
+		gone, stay := hostListener(t), hostListener(t)
+		cg, _ := subscribe(t, a, "vanishing")
+		if _, err := cg.Register(context.Background(), gone.(*net.TCPListener)); err != nil {
+			t.Fatal(err)
+		}
+		cs, logS := subscribe(t, a, "staying")
+		if _, err := cs.Register(context.Background(), stay.(*net.TCPListener)); err != nil {
+			t.Fatal(err)
+		}
+		for i := range 100 {
+			src.ch <- hostEvent(t, gone, uint64(1000+i), bpf.KindOpened)
+		}
+		cg.Close()
+		for i := range 100 {
+			src.ch <- hostEvent(t, gone, uint64(2000+i), bpf.KindOpened)
+		}
+		src.ch <- hostEvent(t, stay, 3000, bpf.KindOpened)
+		logS.wait(t, "the staying subscriber's event", cookieKind(3000, bpf.KindOpened))
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			a.routes.mu.RLock()
+			_, routed := a.routes.byKey[connKey{netns: hostEvent(t, gone, 0, 0).NetNS, port: uint16(port(gone))}]
+			a.routes.mu.RUnlock()
+			if !routed {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("the vanished subscriber's listener is still routed")
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		for _, s := range a.subscribers() {
+			s.mu.Lock()
+			name := s.name
+			s.mu.Unlock()
+			if name == "vanishing" {
+				t.Error("the vanished subscriber's session is still open")
+			}
+		}
 	})
 	t.Run("in session", func(t *testing.T) {
 		r := dialRaw(t, a)

@@ -175,6 +175,13 @@ func (s *subscriber) readFailed(err error) string {
 	case errors.Is(err, wire.ErrTruncated), errors.Is(err, wire.ErrGarbage),
 		errors.Is(err, wire.ErrTooLarge), errors.Is(err, wire.ErrMalformed):
 		return s.fatal(wire.CodeMalformed, err.Error())
+	// In a session these are answered and survived; before Hello they end it.
+	case errors.Is(err, wire.ErrUnknownType):
+		return s.fatal(wire.CodeUnknownType, err.Error())
+	case errors.Is(err, wire.ErrMissingFD):
+		return s.fatal(wire.CodeMissingFD, err.Error())
+	case errors.Is(err, wire.ErrUnexpectedFD):
+		return s.fatal(wire.CodeUnexpectedFD, err.Error())
 	}
 	s.log.Warn("reading from subscriber", "err", err)
 	return "read error: " + err.Error()
