@@ -3,7 +3,14 @@ package bpf
 import (
 	"errors"
 	"fmt"
+
+	"github.com/cilium/ebpf"
 )
+
+// VerifierError is the kernel verifier's rejection of a program, with its
+// log; Load's errors wrap it (find it with errors.As, print it with %+v for
+// the whole log). An alias, so that callers need not import cilium/ebpf.
+type VerifierError = ebpf.VerifierError
 
 // Sentinel errors that Load wraps, so that callers (and `hangup doctor`) can
 // tell the failures apart with errors.Is. Verifier rejections wrap

@@ -12,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/wire"
 	"golang.org/x/sys/unix"
@@ -204,7 +203,7 @@ func checkProbe() []check {
 }
 
 func fixFor(err error) string {
-	var ve *ebpf.VerifierError
+	var ve *bpf.VerifierError
 	switch {
 	case errors.As(err, &ve):
 		return "the kernel's verifier rejected the program: report it with the output of `hangupd --log.level=debug` and `uname -a`"

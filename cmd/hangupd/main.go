@@ -18,7 +18,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/hangup-io/hangup/agent"
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -116,7 +115,7 @@ func run(args []string, logOut io.Writer) error {
 
 	probe, err := bpf.Load(bpf.Options{RingBufferSize: o.ringBufferSize, MaxConnections: o.maxConns})
 	if err != nil {
-		var ve *ebpf.VerifierError
+		var ve *bpf.VerifierError
 		if errors.As(err, &ve) {
 			log.Error("the kernel's verifier rejected the probe", "err", fmt.Sprintf("%+v", ve))
 		}
