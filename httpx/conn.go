@@ -24,9 +24,11 @@ type conn struct {
 
 	mu        sync.Mutex
 	reqs      map[*State]struct{}
-	busy      int // requests in flight plus delivery waits
+	busy      int // requests in flight, delivery waits, and a drain (below)
 	saved     sockopts
 	haveSaved bool
+	tunedNow  bool          // the drop-detecting options are set
+	uto       int           // TCP_USER_TIMEOUT set while tunedNow (ms)
 	fin       bool          // the client half-closed
 	dead      Reason        // why the connection died (ReasonNone: alive)
 	deadCh    chan struct{} // closed when dead is set
@@ -35,6 +37,25 @@ type conn struct {
 	closedCh  chan struct{}
 	idleSeq   uint64        // HTTP/1.x responses completed (transitions to StateIdle)
 	idleCh    chan struct{} // closed and replaced at every transition to StateIdle
+
+	// A drain keeps the options (one hold in busy) after requests ended,
+	// until every byte written is acknowledged or the connection dies;
+	// then the responses in unconfirmed are counted undelivered.
+	draining    bool
+	drainSeq    uint64 // idleSeq when the last drained request ended
+	drainProto  int    // its ProtoMajor
+	drainTicks  int    // watchdog ticks since then
+	unconfirmed map[*State]struct{}
+	// The last drain's verdict on its responses, for a delivery wait that
+	// starts after net/http closed the connection.
+	drained        map[*State]struct{}
+	drainedVerdict error // nil: delivered
+
+	// keepFD is a duplicate of the descriptor, held while a drain or a
+	// delivery wait (keepers) may need to ask the socket after net/http
+	// closed its own; -1 when none.
+	keepFD  int
+	keepers int
 }
 
 // tcpConn finds the TCP socket under a connection net/http accepted:
@@ -87,12 +108,17 @@ func newConn(m *Monitor, nc net.Conn) (*conn, error) {
 		deadCh:   make(chan struct{}),
 		closedCh: make(chan struct{}),
 		idleCh:   make(chan struct{}),
+		keepFD:   -1,
 	}, nil
 }
 
 // report applies a source's event: a half-close or the connection's death
-// marks every request in flight on it.
+// marks every request in flight on it; a death also settles a drain.
 func (c *conn) report(ev event) {
+	var (
+		lost   []*State
+		forget bool
+	)
 	c.mu.Lock()
 	if ev.reason == ReasonPeerFIN {
 		if c.fin || c.dead != ReasonNone {
@@ -111,12 +137,20 @@ func (c *conn) report(ev event) {
 		}
 		c.dead = ev.reason
 		close(c.deadCh)
+		if c.draining {
+			si, ok := c.inspectLocked()
+			lost, forget = c.endDrainLocked(!ok || !si.delivered() || !c.finishedLocked())
+		}
 	}
 	reqs := make([]*State, 0, len(c.reqs))
 	for s := range c.reqs {
 		reqs = append(reqs, s)
 	}
 	c.mu.Unlock()
+	countLost(lost)
+	if forget {
+		c.m.forget(c)
+	}
 	if ev.at.IsZero() {
 		ev.at = time.Now()
 	}
@@ -156,42 +190,70 @@ func (c *conn) attach(s *State) {
 }
 
 // detach removes a request; it is no longer marked by what happens to the
-// connection.
+// connection. Its response is drained: the drop-detecting options stay
+// until the client acknowledged every byte written on the connection (the
+// part net/http writes after the handler returned included), and the
+// response is counted undelivered if the connection dies first.
 func (c *conn) detach(s *State) {
 	c.mu.Lock()
 	_, ok := c.reqs[s]
 	delete(c.reqs, s)
-	c.mu.Unlock()
+	if ok && c.tunedNow && c.dead == ReasonNone && !c.closed && c.m.drop.wd.active(c.m) {
+		if c.unconfirmed == nil {
+			c.unconfirmed = make(map[*State]struct{}, 1)
+		}
+		c.unconfirmed[s] = struct{}{}
+		c.drainSeq, c.drainProto, c.drainTicks = c.idleSeq, s.proto, 0
+		if !c.draining {
+			c.draining = true
+			c.busy++
+			c.keepLocked()
+		}
+	}
+	forget := false
 	if ok {
-		c.release()
+		forget = c.releaseLocked()
+	}
+	c.mu.Unlock()
+	if forget {
+		c.m.forget(c)
 	}
 }
 
 // hold and release count the reasons to keep the drop-detecting socket
-// options: requests in flight and delivery waits. The options are set on
-// the first hold and restored on the last release.
+// options: requests in flight, delivery waits and a drain. The options are
+// set on the first hold and restored on the last release.
 func (c *conn) hold() {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.busy++
-	if c.busy == 1 && c.m.drop.enabled && !c.closed {
+	if c.busy == 1 && c.m.drop.enabled && !c.closed && !c.tunedNow {
 		c.tune()
 	}
 }
 
 func (c *conn) release() {
 	c.mu.Lock()
-	c.busy--
-	idle := c.busy == 0
-	if idle && c.m.drop.enabled && !c.closed && c.haveSaved {
-		c.restore()
-	}
-	forget := idle && c.lingering
-	c.lingering = c.lingering && !forget
+	forget := c.releaseLocked()
 	c.mu.Unlock()
 	if forget {
 		c.m.forget(c)
 	}
+}
+
+// releaseLocked drops a hold and reports whether the connection, closed
+// and no longer busy, must be forgotten (by the caller, without c.mu).
+func (c *conn) releaseLocked() (forget bool) {
+	c.busy--
+	idle := c.busy == 0
+	if idle && c.tunedNow {
+		c.restore()
+		c.tunedNow = false
+		c.m.drop.wd.remove(c)
+	}
+	forget = idle && c.lingering
+	c.lingering = c.lingering && !forget
+	return forget
 }
 
 // sockopts are the socket options that detect a silent drop.
@@ -203,10 +265,12 @@ type sockopts struct {
 // TCP_USER_TIMEOUT set, the kernel fails the connection when data stays
 // unacknowledged for that long, and its keepalive timer fails it at the
 // first probe that finds nothing received for that long (cnt no longer
-// matters). Keepalive works in whole seconds.
+// matters). Keepalive works in whole seconds. wd looks after the
+// connections that have them (see watchdog).
 type dropSettings struct {
 	enabled bool
 	opts    sockopts
+	wd      *watchdog
 }
 
 func newDropSettings(d time.Duration) dropSettings {
@@ -223,7 +287,7 @@ func newDropSettings(d time.Duration) dropSettings {
 	if user < 500*time.Millisecond {
 		user = 500 * time.Millisecond
 	}
-	return dropSettings{enabled: true, opts: sockopts{
+	return dropSettings{enabled: true, wd: newWatchdog(user), opts: sockopts{
 		keepalive:   1,
 		idle:        idle,
 		intvl:       intvl,
@@ -253,7 +317,12 @@ func (c *conn) tune() {
 			c.haveSaved = true
 		}
 		setSockopts(f, c.saved, c.tuned())
+		c.tunedNow = true
+		c.uto = c.m.drop.opts.userTimeout
 	})
+	if c.tunedNow {
+		c.m.drop.wd.add(c)
+	}
 }
 
 // tuned is the drop-detecting set for this connection.
@@ -263,9 +332,12 @@ func (c *conn) tuned() sockopts {
 	return o
 }
 
-// restore puts the saved options back. Called with c.mu held.
+// restore puts the saved options back (on a hijacked connection too).
+// Called with c.mu held.
 func (c *conn) restore() {
-	_ = c.raw.Control(func(fd uintptr) { setSockopts(int(fd), c.tuned(), c.saved) })
+	cur := c.tuned()
+	cur.userTimeout = c.uto
+	_ = c.raw.Control(func(fd uintptr) { setSockopts(int(fd), cur, c.saved) })
 }
 
 // setSockopts changes the options from cur to want, writing only those
@@ -293,28 +365,287 @@ func (c *conn) responded() {
 	c.mu.Unlock()
 }
 
-// markClosed notes that net/http closed or hijacked the connection.
+// markClosed notes that net/http closed or hijacked the connection. If a
+// drain or a delivery wait keeps a duplicate descriptor, the socket stays
+// open through it after net/http's close: it gets the FIN that close would
+// have sent, and a drain that is already complete ends at once.
 func (c *conn) markClosed() {
 	c.mu.Lock()
 	if !c.closed {
 		c.closed = true
 		close(c.closedCh)
 	}
+	var (
+		lost   []*State
+		forget bool
+	)
+	if c.keepFD >= 0 && c.raw.Control(func(uintptr) {}) != nil {
+		_ = unix.Shutdown(c.keepFD, unix.SHUT_WR)
+		if c.draining {
+			if si, ok := c.inspectLocked(); ok && (si.hungUp || si.delivered()) {
+				lost, forget = c.endDrainLocked(!si.delivered())
+			}
+		}
+	}
+	c.mu.Unlock()
+	countLost(lost)
+	if forget {
+		c.m.forget(c)
+	}
+}
+
+// keep and unkeep bracket a use of the socket that must outlive net/http's
+// descriptor (a delivery wait).
+func (c *conn) keep() {
+	c.mu.Lock()
+	c.keepLocked()
 	c.mu.Unlock()
 }
 
-// sendQueue returns the bytes the client acknowledged so far and the bytes
-// written but not yet acknowledged (SIOCOUTQ).
-func (c *conn) sendQueue() (acked uint64, outq int, err error) {
-	var serr error
-	err = c.raw.Control(func(fd uintptr) {
-		var info *unix.TCPInfo
-		info, serr = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
-		if serr != nil {
+func (c *conn) unkeep() {
+	c.mu.Lock()
+	c.unkeepLocked()
+	c.mu.Unlock()
+}
+
+func (c *conn) keepLocked() {
+	if c.keepFD < 0 {
+		_ = c.raw.Control(func(fd uintptr) {
+			if d, err := unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0); err == nil {
+				c.keepFD = d
+			}
+		})
+	}
+	c.keepers++
+}
+
+func (c *conn) unkeepLocked() {
+	c.keepers--
+	if c.keepers == 0 && c.keepFD >= 0 {
+		unix.Close(c.keepFD)
+		c.keepFD = -1
+	}
+}
+
+// withFDLocked runs fn on the socket: through net/http's descriptor while
+// it is open (kept false), else through the kept duplicate. It reports
+// false when neither is there.
+func (c *conn) withFDLocked(fn func(fd int, kept bool)) bool {
+	if c.raw.Control(func(fd uintptr) { fn(int(fd), false) }) == nil {
+		return true
+	}
+	if c.keepFD >= 0 {
+		fn(c.keepFD, true)
+		return true
+	}
+	return false
+}
+
+// sockInfo is what the socket says about delivery.
+type sockInfo struct {
+	info   *unix.TCPInfo
+	outq   int    // SIOCOUTQ: bytes written and not acknowledged (a FIN counts 1)
+	hungUp bool   // the kept duplicate reports the connection over
+	reason Reason // classify's answer when hungUp
+}
+
+// delivered reports whether the client acknowledged every data byte
+// written (a FIN may still be unacknowledged).
+func (si *sockInfo) delivered() bool {
+	if si.outq == 0 {
+		return true
+	}
+	i := si.info
+	return si.outq == 1 && i.Notsent_bytes == 0 && i.Bytes_acked >= i.Bytes_sent-i.Bytes_retrans
+}
+
+// inspectLocked reads TCP_INFO and SIOCOUTQ. Through the kept duplicate
+// (net/http closed its descriptor, so no detection source may watch the
+// socket any more) it also polls it and classifies a hang-up.
+func (c *conn) inspectLocked() (si sockInfo, ok bool) {
+	c.withFDLocked(func(fd int, kept bool) {
+		info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+		if err != nil {
 			return
 		}
-		acked = info.Bytes_acked
-		outq, serr = unix.IoctlGetInt(int(fd), unix.SIOCOUTQ)
+		outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
+		if err != nil {
+			return
+		}
+		si.info, si.outq, ok = info, outq, true
+		if kept {
+			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+			if n, err := unix.Poll(fds, 0); err == nil && n == 1 && fds[0].Revents&(unix.POLLERR|unix.POLLHUP) != 0 {
+				si.hungUp = true
+				si.reason = classify(fd, uint32(fds[0].Revents))
+			}
+		}
 	})
-	return acked, outq, errors.Join(err, serr)
+	return si, ok
+}
+
+// verdict returns what the drain that covered s concluded, if one did.
+func (c *conn) verdict(s *State) (err error, known bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.drained[s]; !ok {
+		return nil, false
+	}
+	return c.drainedVerdict, true
+}
+
+// inspect is inspectLocked for callers without c.mu.
+func (c *conn) inspect() (sockInfo, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.inspectLocked()
+}
+
+// finishedLocked reports whether net/http has written all of the drained
+// response: on HTTP/1.x the connection went idle or closed; on HTTP/2 a
+// watchdog tick passed since the stream ended.
+func (c *conn) finishedLocked() bool {
+	if c.drainProto == 2 {
+		return c.drainTicks > 0
+	}
+	return c.idleSeq > c.drainSeq || c.closed
+}
+
+// endDrainLocked ends a drain with its verdict; with undelivered, its
+// responses are returned to be counted undelivered (countLost, without
+// c.mu).
+func (c *conn) endDrainLocked(undelivered bool) (lost []*State, forget bool) {
+	return c.endDrainVerdictLocked(undelivered, true)
+}
+
+// endDrainVerdictLocked is endDrainLocked; known false ends it without a
+// verdict (the socket can no longer be asked, or the Monitor closed).
+func (c *conn) endDrainVerdictLocked(undelivered, known bool) (lost []*State, forget bool) {
+	if !c.draining {
+		return nil, false
+	}
+	if undelivered {
+		for s := range c.unconfirmed {
+			lost = append(lost, s)
+		}
+	}
+	c.drained, c.drainedVerdict = nil, nil
+	if known {
+		c.drained = c.unconfirmed
+		if undelivered {
+			c.drainedVerdict = ErrNotDelivered
+			if c.dead != ReasonNone {
+				c.drainedVerdict = fmt.Errorf("%w: %s", ErrNotDelivered, c.dead)
+			}
+		}
+	}
+	c.draining = false
+	c.unconfirmed = nil
+	c.unkeepLocked()
+	return lost, c.releaseLocked()
+}
+
+// countLost counts the responses that had a body as undelivered (once per
+// request, whoever else counts it).
+func countLost(lost []*State) {
+	for _, s := range lost {
+		if s.w != nil && s.w.bodyWritten() {
+			s.countUndelivered()
+		}
+	}
+}
+
+// check is the watchdog's look at the connection, once per tick.
+func (c *conn) check(w *watchdog) {
+	var (
+		lost   []*State
+		forget bool
+		hung   Reason
+	)
+	c.mu.Lock()
+	if !c.tunedNow && !c.draining {
+		w.remove(c)
+		c.mu.Unlock()
+		return
+	}
+	si, ok := c.inspectLocked()
+	switch {
+	case ok && si.hungUp:
+		hung = si.reason
+		lost, forget = c.endDrainLocked(!si.delivered())
+	default:
+		if ok && c.tunedNow {
+			c.zeroWindowLocked(si.info, w.tick)
+		}
+		if c.draining {
+			c.drainTicks++
+			if !ok {
+				// Nothing more to learn here (closed, no duplicate): a
+				// death the source reports later is no longer counted.
+				lost, forget = c.endDrainVerdictLocked(false, false)
+			} else if si.delivered() && c.finishedLocked() {
+				lost, forget = c.endDrainLocked(false)
+			}
+		}
+	}
+	c.mu.Unlock()
+	countLost(lost)
+	if forget {
+		c.m.forget(c)
+	}
+	if hung != ReasonNone {
+		c.report(event{reason: hung, at: time.Now()})
+	}
+}
+
+// zeroWindowLocked keeps TCP_USER_TIMEOUT from killing a live client that
+// holds a zero receive window. Linux measures a zero-window stall from the
+// first window probe and aborts once it lasts longer than the user
+// timeout, even when the client answers every probe (tcp_probe_timer: the
+// probe timestamp is reset only when the window opens), and simply
+// clearing the user timeout meanwhile does not work either: the kernel
+// spaces its probes exponentially (up to two minutes), so it would no
+// longer learn within the drop timeout that the client vanished, and
+// setting the timeout again would abort at once.
+//
+// So while the client holds the window shut (nothing in flight, data
+// waiting, peer window 0) and answered a probe within the last zwAnswered
+// ticks, the user timeout is moved to zwExtend ticks past now (measured
+// from the last data sent, which precedes the kernel's probe timestamp, so
+// the deadline is never earlier than intended). The kernel's probe timer,
+// clamped to the deadline it saw, then fires before the moved deadline and
+// probes the client; a live client answers and the deadline moves again.
+// When the client stops answering, the deadline stays and the kernel
+// aborts the connection (ETIMEDOUT): at most zwAnswered+zwExtend ticks
+// (11/8 of the user timeout, DropTimeout minus the keepalive interval)
+// after its last answer, plus about one retransmission timeout. The
+// options come back as soon as the window opens.
+func (c *conn) zeroWindowLocked(info *unix.TCPInfo, tick time.Duration) {
+	ut := c.m.drop.opts.userTimeout
+	want := ut
+	if info.Snd_wnd == 0 && info.Notsent_bytes > 0 && info.Unacked == 0 {
+		t := int(tick / time.Millisecond)
+		if int(info.Last_ack_recv) > zwAnswered*t {
+			return // silent: the deadline stays and the kernel aborts
+		}
+		want = max(ut, int(info.Last_data_sent)+zwExtend*t)
+	}
+	if want == c.uto {
+		return
+	}
+	c.withFDLocked(func(fd int, _ bool) {
+		if unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, want) == nil {
+			c.uto = want
+		}
+	})
+}
+
+// abandon ends a drain without a verdict (the Monitor closed).
+func (c *conn) abandon() {
+	c.mu.Lock()
+	_, forget := c.endDrainVerdictLocked(false, false)
+	c.mu.Unlock()
+	if forget {
+		c.m.forget(c)
+	}
 }

@@ -26,7 +26,13 @@ import (
 // that outlives the request (context.WithoutCancel) to wait longer than it.
 //
 // It polls the socket (TCP_INFO and SIOCOUTQ), every millisecond at first
-// and every 50 ms at most.
+// and every 50 ms at most. When net/http closes the connection after the
+// response (Connection: close, HTTP/1.0), a duplicate descriptor held for
+// the wait keeps the socket, and its acknowledgement state, until the wait
+// ends (the client gets the FIN at once all the same). Without a wait, a
+// response is drained the same way (see Options.DropTimeout): it is
+// counted undelivered if the connection dies before the client
+// acknowledged it.
 func (s *State) WaitDelivered(ctx context.Context) error {
 	c := s.c
 	if c == nil {
@@ -34,6 +40,11 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 	}
 	c.hold()
 	defer c.release()
+	// A duplicate descriptor keeps the socket askable after net/http
+	// closes its own (Connection: close, HTTP/1.0): the socket lingers
+	// with its acknowledgement state until the wait ends.
+	c.keep()
+	defer c.unkeep()
 
 	s.mu.Lock()
 	released, seq := s.released, s.releaseSeq
@@ -41,7 +52,9 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 	if !released {
 		s.w.flushForDelivery()
 	} else if s.proto == 1 {
-		// Wait until net/http has written the end of the response.
+		// Wait until net/http has written the end of the response: the
+		// connection goes idle, or net/http closes it after the response.
+	wait:
 		for {
 			c.mu.Lock()
 			cur, next := c.idleSeq, c.idleCh
@@ -52,7 +65,7 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 			select {
 			case <-next:
 			case <-c.closedCh:
-				return s.lost(ctx)
+				break wait
 			case <-c.deadCh:
 				return s.lost(ctx)
 			case <-ctx.Done():
@@ -64,28 +77,46 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 	if c.isDead() {
 		return s.lost(ctx)
 	}
-	acked, outq, err := c.sendQueue()
-	if err != nil {
+	si, ok := c.inspect()
+	if !ok {
+		// net/http closed the socket before the wait could keep it; the
+		// drain that kept it after the response may have seen the end.
+		if err, known := c.verdict(s); known {
+			if err != nil {
+				s.countUndelivered()
+			}
+			return err
+		}
 		return s.lost(ctx)
 	}
-	target := acked + uint64(outq)
+	target := si.info.Bytes_acked + uint64(si.outq)
 	wait := time.Millisecond
 	t := time.NewTimer(0)
 	defer t.Stop()
 	for {
-		if acked >= target {
+		switch {
+		case si.info.Bytes_acked >= target, si.hungUp && si.delivered():
 			return nil
+		case si.hungUp:
+			// Only the kept duplicate is left, and the connection is over
+			// with bytes unacknowledged.
+			c.report(event{reason: si.reason, at: time.Now()})
+			return s.lost(ctx)
 		}
 		t.Reset(wait)
 		select {
 		case <-ctx.Done():
 			return s.ctxDone(ctx)
 		case <-c.deadCh:
+			// Bytes acknowledged just before the end still count.
+			if si, ok = c.inspect(); ok && si.info.Bytes_acked >= target {
+				return nil
+			}
 			return s.lost(ctx)
 		case <-t.C:
 		}
 		wait = min(wait*2, 50*time.Millisecond)
-		if acked, _, err = c.sendQueue(); err != nil {
+		if si, ok = c.inspect(); !ok {
 			return s.lost(ctx)
 		}
 	}

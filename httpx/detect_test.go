@@ -87,20 +87,116 @@ func TestDetectPeerGoneWithBodyUnread(t *testing.T) {
 	})
 }
 
-func TestDetectHalfCloseIgnored(t *testing.T) {
+// TestDetectHalfClose: the client sends a complete request, then only a
+// FIN (it may still read). net/http cancels the request context on it.
+// It is an abort, peer_fin, by default; with IgnoreHalfClose the request
+// stays NORMAL, its context live, and the client gets the response.
+func TestDetectHalfClose(t *testing.T) {
+	// quiet is how long the handler, once the FIN was seen everywhere,
+	// gives httpx to (wrongly) end its context. Not a speed assertion:
+	// longer only makes the test slower.
+	const quiet = 2 * time.Second
+	forSources(t, func(t *testing.T, src Source) {
+		for _, ignore := range []bool{false, true} {
+			t.Run(map[bool]string{false: "abort", true: "ignored"}[ignore], func(t *testing.T) {
+				started := make(chan struct{}, 1)
+				finSeen := make(chan struct{})
+				results := make(chan result, 1)
+				parents := make(chan context.Context, 1)
+				pair := testnet.NewPair(t)
+				m := newMonitor(t, Options{Source: src, IgnoreHalfClose: ignore})
+				ln, err := pair.Server.Listen("tcp", net.JoinHostPort(testnet.ServerAddr4.String(), "0"))
+				if err != nil {
+					t.Fatal(err)
+				}
+				ts := serve(t, m, ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					st := FromContext(r.Context())
+					started <- struct{}{}
+					<-finSeen
+					timer := time.NewTimer(quiet)
+					defer timer.Stop()
+					if !ignore {
+						timer.Reset(wait)
+					}
+					woke := "timer"
+					select {
+					case <-r.Context().Done():
+						woke = "ctx"
+					case <-timer.C:
+					}
+					results <- result{status: st.Status(), reason: st.AbortReason(), cause: context.Cause(r.Context()), woke: woke}
+					io.WriteString(w, "still here")
+				}), func(h http.Handler) http.Handler {
+					return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+						parents <- r.Context()
+						h.ServeHTTP(w, r)
+					})
+				})
+				c, err := pair.Client.Dial("tcp", ts.addr)
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer c.Close()
+				rawGet(t, c, "/")
+				waitFor(t, started, "handler")
+				parent := waitFor(t, parents, "request context")
+				if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+					t.Fatal(err)
+				}
+				// Both net/http and the source have seen the FIN.
+				waitFor(t, parent.Done(), "net/http to cancel the request")
+				var cn *conn
+				eventually(t, "the source reports the FIN", func() bool {
+					ts.m.mu.Lock()
+					defer ts.m.mu.Unlock()
+					for _, x := range ts.m.byCookie {
+						cn = x
+					}
+					if cn == nil {
+						return false
+					}
+					cn.mu.Lock()
+					defer cn.mu.Unlock()
+					return cn.fin
+				})
+				close(finSeen)
+				res := waitFor(t, results, "handler result")
+				if ignore {
+					if res.woke != "timer" || res.status != StatusNormal || res.reason != ReasonNone {
+						t.Errorf("got %+v, want NORMAL with a live context", res)
+					}
+					resp := readResponse(t, c)
+					body, _ := io.ReadAll(resp.Body)
+					if string(body) != "still here" {
+						t.Errorf("half-closed client got %q", body)
+					}
+				} else if res.woke != "ctx" || res.status != StatusAborted || res.reason != ReasonPeerFIN || !errors.Is(res.cause, ErrAborted) {
+					t.Errorf("got %+v, want ABORTED peer_fin", res)
+				}
+				want := map[bool]uint64{false: 1, true: 0}[ignore]
+				if st := ts.m.Stats(); st.Aborts[ReasonPeerFIN] != want || st.Aborts[ReasonCanceled] != 0 {
+					t.Errorf("aborts %v, want peer_fin %d and no canceled", st.Aborts, want)
+				}
+			})
+		}
+	})
+}
+
+// TestDetectHalfCloseIgnoredThenReset: with IgnoreHalfClose, a reset after
+// the FIN still counts, as peer_reset.
+func TestDetectHalfCloseIgnoredThenReset(t *testing.T) {
 	forSources(t, func(t *testing.T, src Source) {
 		started := make(chan struct{}, 1)
-		results := make(chan Status, 1)
+		results := make(chan result, 1)
 		pair, ts := netServer(t, Options{Source: src, IgnoreHalfClose: true}, func(w http.ResponseWriter, r *http.Request) {
 			st := FromContext(r.Context())
 			started <- struct{}{}
-			io.Copy(io.Discard, r.Body) // reads to the client's FIN
-			// Then a reset must still count.
+			io.Copy(io.Discard, r.Body)
 			select {
 			case <-r.Context().Done():
 			case <-time.After(wait):
 			}
-			results <- st.Status()
+			results <- result{status: st.Status(), reason: st.AbortReason()}
 		})
 		c, err := pair.Client.Dial("tcp", ts.addr)
 		if err != nil {
@@ -110,11 +206,11 @@ func TestDetectHalfCloseIgnored(t *testing.T) {
 		waitFor(t, started, "handler")
 		c.(*net.TCPConn).CloseWrite()
 		reset(t, c)
-		if s := waitFor(t, results, "status"); s != StatusAborted {
-			t.Errorf("status %s", s)
+		if res := waitFor(t, results, "status"); res.status != StatusAborted || res.reason != ReasonPeerReset {
+			t.Errorf("got %+v, want ABORTED peer_reset", res)
 		}
-		if st := ts.m.Stats(); st.Aborts[ReasonPeerFIN] != 0 || st.Aborts[ReasonPeerReset]+st.Aborts[ReasonCanceled] != 1 {
-			t.Errorf("aborts %v, want one reset and no FIN", st.Aborts)
+		if st := ts.m.Stats(); st.Aborts[ReasonPeerFIN] != 0 || st.Aborts[ReasonPeerReset] != 1 || st.Aborts[ReasonCanceled] != 0 {
+			t.Errorf("aborts %v, want one reset and nothing else", st.Aborts)
 		}
 	})
 }

@@ -39,8 +39,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		finishCh: make(chan struct{}),
 		servedCh: make(chan struct{}),
 	}
-	ctx := context.WithValue(context.WithoutCancel(r.Context()), stateKey{}, s)
-	s.ctx, s.cancel = context.WithCancelCause(ctx)
+	s.ctx, s.cancel, s.stopDeadline = handlerContext(r.Context(), s)
 	var hw http.ResponseWriter
 	s.w, hw = newWriter(s, w)
 	if c != nil {
@@ -49,9 +48,10 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if m.opts.TimeLimit > 0 {
 		s.SetTimeLimit(m.opts.TimeLimit)
 	}
-	stop := context.AfterFunc(r.Context(), s.parentCanceled)
+	parent := r.Context()
+	stop := context.AfterFunc(parent, func() { s.parentCanceled(parent) })
 
-	m.wg.Add(1)
+	m.work.add()
 	go s.run(h.h, hw, r.WithContext(s.ctx))
 
 	var stuck bool
@@ -108,7 +108,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 
 // run runs the handler and then ends the request.
 func (s *State) run(h http.Handler, w http.ResponseWriter, r *http.Request) {
-	defer s.m.wg.Done()
+	defer s.m.work.done()
 	defer func() {
 		if p := recover(); p != nil {
 			s.mu.Lock()
@@ -131,4 +131,17 @@ func (s *State) run(h http.Handler, w http.ResponseWriter, r *http.Request) {
 		close(s.done)
 	}()
 	h.ServeHTTP(w, r)
+}
+
+// handlerContext returns the handler's context: parent's values and
+// deadline, but not its cancellation, which httpx decides on (see
+// State.parentCanceled). stop releases the deadline's timer; it is nil when
+// parent has no deadline.
+func handlerContext(parent context.Context, s *State) (ctx context.Context, cancel context.CancelCauseFunc, stop context.CancelFunc) {
+	ctx = context.WithValue(context.WithoutCancel(parent), stateKey{}, s)
+	if d, ok := parent.Deadline(); ok {
+		ctx, stop = context.WithDeadline(ctx, d)
+	}
+	ctx, cancel = context.WithCancelCause(ctx)
+	return ctx, cancel, stop
 }

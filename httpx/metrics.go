@@ -45,7 +45,7 @@ func newMetrics() *metrics {
 			Namespace: namespace,
 			Subsystem: "http",
 			Name:      "abort_detection_latency_seconds",
-			Help:      "Time from the kernel's event (or the write error) to the request being marked aborted.",
+			Help:      "Time from the kernel's event to the request being marked aborted (aborts without a kernel timestamp are not observed).",
 			Buckets:   prometheus.ExponentialBuckets(0.0001, 4, 9), // 100µs .. 6.5s
 		}),
 	}

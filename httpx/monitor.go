@@ -33,7 +33,12 @@ type Options struct {
 	// no FIN or RST) before its request is marked aborted, while the
 	// request runs or WaitDelivered waits: the connection then gets
 	// TCP_USER_TIMEOUT and keepalive settings derived from it, and gets its
-	// own settings back when it goes idle. Zero means 10s; the effective
+	// own settings back once every response byte has been acknowledged (a
+	// connection that dies first counts its response undelivered). A
+	// client that is alive but stops reading (zero window) is not cut off:
+	// while it answers the kernel's window probes the deadline moves on,
+	// and once it stops answering it is marked aborted within 11/8 of the
+	// derived user timeout (see conn.go). Zero means 10s; the effective
 	// minimum is 2s (keepalive counts whole seconds). Negative leaves
 	// socket options alone.
 	DropTimeout time.Duration
@@ -47,8 +52,12 @@ type Options struct {
 	TimeoutGrace time.Duration
 
 	// IgnoreHalfClose makes a client's half-close (FIN) not count as an
-	// abort: the client may still be reading. By default it counts, as
-	// nginx answers it with 499. A reset or timeout always counts.
+	// abort: the client may still be reading. The request stays NORMAL and
+	// its context live, although net/http cancels its own request context
+	// on the FIN once the body was read. HTTP/2 is the exception: net/http
+	// closes the whole connection on a FIN, so its requests are aborted
+	// anyway. By default a half-close counts, as nginx answers
+	// it with 499. A reset or timeout always counts.
 	IgnoreHalfClose bool
 
 	// BPF configures the in-process probe of SourceBPF.
@@ -86,9 +95,13 @@ type Monitor struct {
 	ring      []uint64         // recent's keys, oldest first, to bound it
 	ringNext  int
 	servers   []*http.Server
-	closed    bool
 
-	wg       sync.WaitGroup // handlers, continuations, timers' work
+	// closeMu is held shared while a connection is handed to the source
+	// and exclusively by Close, so no watch runs on a closed source.
+	closeMu sync.RWMutex
+	closed  bool // guarded by closeMu and mu: either is enough to read it
+
+	work     workCount // handlers, continuations, timers' work
 	bgCtx    context.Context
 	bgCancel context.CancelFunc
 }
@@ -248,10 +261,9 @@ func (m *Monitor) connContext(ctx context.Context, nc net.Conn) context.Context 
 		m.log.Debug("connection not tracked", "remote", nc.RemoteAddr(), "err", err)
 		return ctx
 	}
-	m.mu.Lock()
-	closed := m.closed
-	m.mu.Unlock()
-	if closed {
+	m.closeMu.RLock()
+	defer m.closeMu.RUnlock()
+	if m.closed {
 		return ctx
 	}
 	if err := m.src.watch(c); err != nil {
@@ -342,9 +354,9 @@ func (m *Monitor) deliver(cookie uint64, ev event) {
 func (m *Monitor) goBackground(ctx context.Context, fn func(context.Context)) {
 	ctx, cancel := context.WithCancel(ctx)
 	stop := context.AfterFunc(m.bgCtx, cancel)
-	m.wg.Add(1)
+	m.work.add()
 	go func() {
-		defer m.wg.Done()
+		defer m.work.done()
 		defer stop()
 		defer cancel()
 		defer func() {
@@ -368,13 +380,8 @@ func panicErr(p any) error {
 // State.Go has returned, or until ctx is done; then it cancels the
 // continuations' contexts and returns ctx's error.
 func (m *Monitor) Wait(ctx context.Context) error {
-	done := make(chan struct{})
-	go func() {
-		m.wg.Wait()
-		close(done)
-	}()
 	select {
-	case <-done:
+	case <-m.work.idle():
 		return nil
 	case <-ctx.Done():
 		m.bgCancel()
@@ -401,13 +408,57 @@ func (m *Monitor) Shutdown(ctx context.Context) error {
 // continuations. It does not wait for handlers: use Shutdown first.
 // Requests still running are no longer marked aborted by the kernel.
 func (m *Monitor) Close() error {
+	m.closeMu.Lock()
 	m.mu.Lock()
-	if m.closed {
-		m.mu.Unlock()
-		return nil
-	}
+	was := m.closed
 	m.closed = true
 	m.mu.Unlock()
+	m.closeMu.Unlock()
+	if was {
+		return nil
+	}
 	m.bgCancel()
 	return m.src.close()
 }
+
+// workCount counts the work Wait waits for. Unlike a sync.WaitGroup, work
+// may start at any time, also from zero while Wait waits, and a waiter
+// that gives up leaves nothing behind.
+type workCount struct {
+	mu     sync.Mutex
+	n      int
+	idleCh chan struct{} // closed when n drops to zero, replaced when work starts
+}
+
+func (w *workCount) add() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		w.idleCh = make(chan struct{})
+	}
+	w.n++
+}
+
+func (w *workCount) done() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.n--
+	switch {
+	case w.n < 0:
+		panic("httpx: negative work count")
+	case w.n == 0:
+		close(w.idleCh)
+	}
+}
+
+// idle returns a channel that is closed once no work is running.
+func (w *workCount) idle() <-chan struct{} {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.n == 0 {
+		return closedCh
+	}
+	return w.idleCh
+}
+
+var closedCh = func() chan struct{} { c := make(chan struct{}); close(c); return c }()

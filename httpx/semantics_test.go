@@ -3,10 +3,13 @@ package httpx
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/http/httptrace"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -23,6 +26,12 @@ func TestStatusString(t *testing.T) {
 	}
 	if StatusAborted|StatusTimeout != 3 {
 		t.Error("status bits are not PHP's")
+	}
+	if got := Status(9).String(); got != "Status(9)" {
+		t.Errorf("Status(9) = %q", got)
+	}
+	if got, want := Reason(200).String(), "Reason(200)"; got != want {
+		t.Errorf("Reason(200) = %q, want %q", got, want)
 	}
 }
 
@@ -536,6 +545,144 @@ func TestWriterKeepsInterfaces(t *testing.T) {
 	if !o.flusher || !o.hijacker || !o.readerFrom || !o.unwrapped || o.deadline != nil || o.fullDuplex != nil || o.flush != nil {
 		t.Errorf("%+v", o)
 	}
+}
+
+// TestWriterInterfacesPerProtocol: Hijack exactly on HTTP/1.x, Push
+// exactly on HTTP/2, Unwrap on both.
+func TestWriterInterfacesPerProtocol(t *testing.T) {
+	for _, proto := range []int{1, 2} {
+		t.Run(fmt.Sprintf("HTTP/%d", proto), func(t *testing.T) {
+			type obs struct {
+				hijacker, pusher, unwrapped bool
+				pushErr                     error
+			}
+			out := make(chan obs, 1)
+			tr := &http.Transport{}
+			defer tr.CloseIdleConnections()
+			var configure func(*http.Server)
+			if proto == 2 {
+				configure = func(srv *http.Server) {
+					srv.Protocols = new(http.Protocols)
+					srv.Protocols.SetUnencryptedHTTP2(true)
+				}
+				tr.Protocols = new(http.Protocols)
+				tr.Protocols.SetUnencryptedHTTP2(true)
+			}
+			m := newMonitor(t, Options{Source: SourceEpoll})
+			ts := serveWith(t, m, loopback(t), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				var o obs
+				_, o.hijacker = w.(http.Hijacker)
+				var p http.Pusher
+				p, o.pusher = w.(http.Pusher)
+				if o.pusher {
+					o.pushErr = p.Push("/style.css", nil) // the client disabled push
+				}
+				_, o.unwrapped = w.(interface{ Unwrap() http.ResponseWriter })
+				out <- o
+			}), nil, configure)
+			resp, err := (&http.Client{Transport: tr}).Get("http://" + ts.addr + "/")
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			o := waitFor(t, out, "handler")
+			if o.hijacker != (proto == 1) || o.pusher != (proto == 2) || !o.unwrapped {
+				t.Errorf("HTTP/%d: %+v", proto, o)
+			}
+			if o.pusher && o.pushErr == nil {
+				t.Error("Push to a client that disabled push succeeded")
+			}
+		})
+	}
+}
+
+// TestWaitGivesUp: Wait returns when its context ends, with handlers still
+// running, and leaves nothing behind; work that starts while Wait waits
+// is waited for.
+func TestWaitGivesUp(t *testing.T) {
+	m := newMonitor(t, Options{Source: SourceNone})
+	if err := m.Wait(t.Context()); err != nil {
+		t.Fatalf("Wait with nothing running: %v", err)
+	}
+	m.work.add()
+	ctx, cancel := context.WithCancel(t.Context())
+	cancel()
+	if err := m.Wait(ctx); !errors.Is(err, context.Canceled) {
+		t.Errorf("Wait = %v, want context.Canceled", err)
+	}
+	eventually(t, "no goroutine is left waiting", func() bool {
+		buf := make([]byte, 1<<20)
+		return !strings.Contains(string(buf[:runtime.Stack(buf, true)]), "(*Monitor).Wait")
+	})
+	done := make(chan error, 1)
+	go func() { done <- m.Wait(t.Context()) }()
+	m.work.add() // more work, while Wait waits
+	m.work.done()
+	m.work.done()
+	if err := waitFor(t, done, "Wait"); err != nil {
+		t.Errorf("Wait = %v", err)
+	}
+}
+
+// TestCloseWhileConnecting: Close concurrent with new connections: none is
+// handed to the closed source (epoll_ctl on its closed descriptor, or on
+// whatever reused the number).
+func TestCloseWhileConnecting(t *testing.T) {
+	ln := loopback(t)
+	defer ln.Close()
+	for range 300 {
+		var logs lockedLog
+		m := newMonitor(t, Options{Source: SourceEpoll, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+		const n = 16
+		var clients, servers []net.Conn
+		for range n {
+			client, err := net.Dial("tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			server, err := ln.Accept()
+			if err != nil {
+				t.Fatal(err)
+			}
+			clients, servers = append(clients, client), append(servers, server)
+		}
+		var wg sync.WaitGroup
+		start := make(chan struct{})
+		for _, server := range servers {
+			wg.Add(1)
+			go func() { defer wg.Done(); <-start; m.connContext(context.Background(), server) }()
+		}
+		wg.Add(1)
+		go func() { defer wg.Done(); <-start; m.Close() }()
+		close(start)
+		wg.Wait()
+		for i := range servers {
+			m.connState(servers[i], http.StateClosed)
+			servers[i].Close()
+			clients[i].Close()
+		}
+		if strings.Contains(logs.String(), "not watched") {
+			t.Fatalf("a connection was handed to the closed source:\n%s", logs.String())
+		}
+	}
+}
+
+// lockedLog is a log destination safe for concurrent use.
+type lockedLog struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (l *lockedLog) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
 }
 
 func TestHijack(t *testing.T) {

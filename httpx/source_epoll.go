@@ -30,6 +30,7 @@ type epollSource struct {
 	mu     sync.Mutex
 	conns  map[int32]*conn
 	nextID int32
+	closed bool // close began: epfd may be closed (and its number reused)
 }
 
 // wakeID is the registration id of the eventfd that stops the loop.
@@ -77,6 +78,10 @@ func (s *epollSource) watch(c *conn) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.closed {
+		unix.Close(dup)
+		return errors.New("epoll source closed")
+	}
 	s.nextID++
 	if s.nextID <= wakeID {
 		s.nextID = wakeID + 1
@@ -153,18 +158,59 @@ func (s *epollSource) loop() {
 // classify tells why a socket is readable-hung-up: a half-close (only
 // EPOLLRDHUP) or its death (EPOLLERR or EPOLLHUP). The pending socket error
 // says which death exactly, but a reader (net/http's) may have consumed it
-// first; then the kernel's retransmission and probe counters decide.
-// EPOLL* and POLL* flags have the same values.
+// first; then the kernel's retransmission and probe counters decide, and
+// without those the TCP state: a hang-up without error after both sides
+// sent FIN (ours acknowledged: the socket is CLOSE with every byte, FIN
+// included, acknowledged; or still in FIN_WAIT2, CLOSING, LAST_ACK or
+// TIME_WAIT) is an orderly close, reported as the client's FIN, not a
+// reset. Unanswered zero-window probes are a (retransmission) timeout, as
+// with the kernel probe, not a keepalive timeout. EPOLL* and POLL* flags
+// have the same values.
 func classify(fd int, events uint32) Reason {
 	if events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
 		return ReasonPeerFIN
 	}
 	soErr, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-	var retrans, probes uint8
-	if info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
-		retrans, probes = info.Retransmits, info.Probes
+	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return deadReason(syscall.Errno(soErr), 0, 0)
 	}
-	return deadReason(syscall.Errno(soErr), retrans, probes)
+	if soErr == 0 && info.Retransmits == 0 && info.Probes == 0 && orderlyClose(info) {
+		return ReasonPeerFIN
+	}
+	if info.Retransmits == 0 && info.Probes > 0 && (soErr == 0 || soErr == int(syscall.ETIMEDOUT)) {
+		// Probes with data still queued are zero-window probes, not
+		// keepalive probes (which the kernel sends only when nothing is):
+		// a timeout of the data, as the kernel probe reports it.
+		if outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err == nil && outq > 0 {
+			return ReasonTimeout
+		}
+	}
+	return deadReason(syscall.Errno(soErr), info.Retransmits, info.Probes)
+}
+
+// TCP states (include/net/tcp_states.h).
+const (
+	tcpFinWait2 = 5
+	tcpTimeWait = 6
+	tcpClose    = 7
+	tcpLastAck  = 9
+	tcpClosing  = 11
+)
+
+// orderlyClose reports whether a socket that hung up without an error
+// ended with a FIN exchange rather than a reset: it is in a closing state
+// that only FINs lead to, or it is closed and the client acknowledged our
+// FIN (bytes_acked counts it, bytes_sent does not), so everything we sent
+// arrived.
+func orderlyClose(info *unix.TCPInfo) bool {
+	switch info.State {
+	case tcpFinWait2, tcpTimeWait, tcpLastAck, tcpClosing:
+		return true
+	case tcpClose:
+		return info.Bytes_acked > info.Bytes_sent-info.Bytes_retrans
+	}
+	return false
 }
 
 // deadReason is the pure part of classify.
@@ -189,8 +235,12 @@ func deadReason(soErr syscall.Errno, retransmits, probes uint8) Reason {
 	return ReasonError
 }
 
-// close stops the loop and closes every duplicate.
+// close stops the loop and closes every duplicate. A watch that comes
+// after it began registers nothing (and closes its duplicate).
 func (s *epollSource) close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
 	var one = [8]byte{1}
 	if _, err := unix.Write(s.wakefd, one[:]); err != nil {
 		return fmt.Errorf("waking epoll loop: %w", err)

@@ -2,11 +2,13 @@ package httpx
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"net/http"
 	"runtime/debug"
 	"sync"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // State is one request's connection state: PHP's connection handling
@@ -20,7 +22,8 @@ type State struct {
 	proto int // the request's ProtoMajor
 	ctx   context.Context
 
-	cancel context.CancelCauseFunc
+	cancel       context.CancelCauseFunc
+	stopDeadline context.CancelFunc // releases the outer deadline's timer, if any
 
 	done      chan struct{} // the handler returned
 	finishCh  chan struct{} // Finish was called
@@ -131,9 +134,8 @@ func (s *State) expire(gen uint64) {
 		return
 	}
 	s.status |= StatusTimeout
-	// Shutdown waits for the grace's work. The handler has not ended (it
-	// would have set ended first), so the group is not at zero here.
-	s.m.wg.Add(1)
+	// Shutdown waits for the grace's work.
+	s.m.work.add()
 	s.grace = time.AfterFunc(s.m.grace, s.graceExpired)
 	s.mu.Unlock()
 	s.cancel(ErrTimeLimit)
@@ -142,7 +144,7 @@ func (s *State) expire(gen uint64) {
 // graceExpired gives up on a timed-out handler: the client is released (by
 // ServeHTTP, which is waiting for it) and the shutdown functions run.
 func (s *State) graceExpired() {
-	defer s.m.wg.Done()
+	defer s.m.work.done()
 	s.finishOne.Do(func() { close(s.finishCh) })
 	s.end()
 }
@@ -182,7 +184,7 @@ func (s *State) runShutdown() {
 func (s *State) call(fn func()) {
 	defer func() {
 		if p := recover(); p != nil && p != http.ErrAbortHandler {
-			s.m.log.Error("shutdown function panicked", "err", fmt.Errorf("%v", p), "stack", string(debug.Stack()))
+			s.m.log.Error("shutdown function panicked", "err", panicErr(p), "stack", string(debug.Stack()))
 		}
 	}()
 	fn()
@@ -214,7 +216,14 @@ func (s *State) Go(fn func(ctx context.Context)) {
 	s.m.goBackground(context.WithoutCancel(s.ctx), fn)
 }
 
-// abort marks the request aborted. Only the first reason is kept.
+// abort marks the request aborted. Only the first reason is kept. at is
+// when the kernel saw the event, for the detection latency histogram; the
+// zero time means unknown, and so do ReasonCanceled and ReasonWriteError,
+// whose time says nothing about how fast a source detected anything.
+//
+// The detection goroutines (epoll loop, probe and agent readers) call it:
+// it must never wait for a lock the handler may hold while blocked, such
+// as the writer's.
 func (s *State) abort(reason Reason, at time.Time) {
 	s.mu.Lock()
 	if s.status&StatusAborted != 0 || s.detached {
@@ -225,11 +234,15 @@ func (s *State) abort(reason Reason, at time.Time) {
 	s.reason = reason
 	cancel := !s.ignore
 	s.mu.Unlock()
-	s.m.metrics.aborted(reason, time.Since(at))
+	if at.IsZero() || reason == ReasonCanceled || reason == ReasonWriteError {
+		s.m.metrics.aborts[reason].Add(1)
+	} else {
+		s.m.metrics.aborted(reason, time.Since(at))
+	}
 	if cancel {
 		s.cancel(&AbortError{Reason: reason})
 	}
-	if reason != ReasonPeerFIN && reason != ReasonCanceled && s.w.bodyWritten() {
+	if reason != ReasonPeerFIN && reason != ReasonCanceled && s.w != nil && s.w.bodyWritten() {
 		s.countUndelivered()
 	}
 }
@@ -266,12 +279,15 @@ func (s *State) end() {
 		s.ended = true
 		status := s.status
 		if s.grace != nil && s.grace.Stop() {
-			s.m.wg.Done() // the grace's work will not run
+			s.m.work.done() // the grace's work will not run
 		}
 		s.mu.Unlock()
 		s.m.metrics.request(status)
 		s.detach()
 		s.cancel(context.Canceled)
+		if s.stopDeadline != nil {
+			s.stopDeadline()
+		}
 	})
 }
 
@@ -287,29 +303,93 @@ func (s *State) detach() {
 }
 
 // sourceWait is how long a request cancelled by net/http waits for the
-// detection source to say why.
-const sourceWait = 50 * time.Millisecond
+// detection source to say why; deadWait is how long it waits when the
+// socket shows the connection is dead, so the source surely has an event
+// on its way.
+const (
+	sourceWait = 50 * time.Millisecond
+	deadWait   = time.Second
+)
 
-// parentCanceled handles net/http cancelling the request context while the
-// handler runs: the connection closed, or (HTTP/2) the client reset the
-// stream. A detection source usually says why at the same moment; it gets
-// a short while to do so.
-func (s *State) parentCanceled() {
-	if s.c != nil && s.m.src.name() != SourceNone {
-		t := time.NewTimer(sourceWait)
+// parentCanceled handles the cancellation of the request context net/http
+// (and any middleware around Handler) gave: the connection closed or the
+// client half-closed it, (HTTP/2) the client reset the stream, or an outer
+// deadline expired.
+//
+// An outer deadline is no client abort: the handler's context ends at the
+// same deadline and the status stays as it is. A half-close under
+// Options.IgnoreHalfClose is none either, on HTTP/1.x, where the response
+// can still go out: the request stays NORMAL and its context live. Otherwise
+// a detection source usually says why at the same moment; it gets a short
+// while to do so, then the socket itself is asked.
+func (s *State) parentCanceled(parent context.Context) {
+	if errors.Is(parent.Err(), context.DeadlineExceeded) {
+		// The handler's context has the same deadline (see handlerContext)
+		// and ends by itself, with DeadlineExceeded as its error.
+		if s.stopDeadline == nil {
+			s.cancel(context.Cause(parent))
+		}
+		return
+	}
+	c := s.c
+	if c == nil {
+		s.abort(ReasonCanceled, time.Time{})
+		return
+	}
+	const hungUp = unix.POLLERR | unix.POLLHUP
+	if s.m.src.name() != SourceNone {
+		wait := sourceWait
+		if revents, ok := pollPeer(c); ok && revents&hungUp != 0 {
+			wait = deadWait
+		}
+		t := time.NewTimer(wait)
 		select {
-		case <-s.c.deadCh:
+		case <-c.deadCh:
 		case <-s.servedCh:
 		case <-t.C:
 		}
 		t.Stop()
-		s.c.mu.Lock()
-		gone := s.c.gone()
-		s.c.mu.Unlock()
-		if gone != ReasonNone {
-			s.abort(gone, time.Now())
-			return
+	}
+	c.mu.Lock()
+	dead, fin := c.dead, c.fin
+	c.mu.Unlock()
+	if dead == ReasonNone && !fin {
+		// No source said anything (or there is none): ask the socket.
+		if revents, ok := pollPeer(c); ok {
+			switch {
+			case revents&hungUp != 0:
+				_ = c.raw.Control(func(fd uintptr) { dead = classify(int(fd), uint32(revents)) })
+				if dead == ReasonPeerFIN {
+					// An orderly hang-up is a half-close as far as the
+					// request goes: IgnoreHalfClose applies to it.
+					dead, fin = ReasonNone, true
+				}
+			case revents&unix.POLLRDHUP != 0:
+				fin = true
+			}
 		}
 	}
-	s.abort(ReasonCanceled, time.Now())
+	switch {
+	case dead != ReasonNone:
+		s.abort(dead, time.Time{})
+	case fin && s.m.opts.IgnoreHalfClose && s.proto == 1:
+		// The client may still be reading: the request goes on.
+	case fin:
+		s.abort(ReasonPeerFIN, time.Time{})
+	default:
+		s.abort(ReasonCanceled, time.Time{})
+	}
+}
+
+// pollPeer asks c's socket, without waiting, whether the client
+// half-closed it (POLLRDHUP) or it died (POLLERR, POLLHUP). ok is false
+// when the socket cannot be asked (net/http closed it).
+func pollPeer(c *conn) (revents int16, ok bool) {
+	err := c.raw.Control(func(fd uintptr) {
+		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
+		if n, err := unix.Poll(fds, 0); err == nil && n == 1 {
+			revents, ok = fds[0].Revents, true
+		}
+	})
+	return revents, ok && err == nil
 }

@@ -17,7 +17,8 @@ const (
 	StatusTimeout Status = 2 // PHP's CONNECTION_TIMEOUT
 )
 
-// String returns NORMAL, ABORTED, TIMEOUT or ABORTED|TIMEOUT.
+// String returns NORMAL, ABORTED, TIMEOUT or ABORTED|TIMEOUT, or Status(n)
+// for an unknown value.
 func (s Status) String() string {
 	switch s {
 	case StatusNormal:
@@ -50,26 +51,28 @@ type Reason uint8
 
 // Abort reasons.
 const (
+	// ReasonNone means the request was not aborted.
 	ReasonNone Reason = iota
-	// ReasonPeerFIN: the client half-closed the connection (sent FIN). It
-	// counts as an abort unless Options.IgnoreHalfClose is set, as nginx
-	// answers it with 499.
+	// ReasonPeerFIN means the client half-closed the connection (sent
+	// FIN). It counts as an abort unless Options.IgnoreHalfClose is set,
+	// as nginx answers it with 499.
 	ReasonPeerFIN
-	// ReasonPeerReset: the client reset the connection (RST).
+	// ReasonPeerReset means the client reset the connection (RST).
 	ReasonPeerReset
-	// ReasonTimeout: the kernel gave up retransmitting unacknowledged data
-	// (TCP_USER_TIMEOUT or tcp_retries2), or zero-window probes went
+	// ReasonTimeout means the kernel gave up retransmitting unacknowledged
+	// data (TCP_USER_TIMEOUT or tcp_retries2), or zero-window probes went
 	// unanswered: the client vanished while data was outstanding.
 	ReasonTimeout
-	// ReasonKeepaliveTimeout: keepalive probes went unanswered: the client
-	// vanished while the connection was quiet.
+	// ReasonKeepaliveTimeout means keepalive probes went unanswered: the
+	// client vanished while the connection was quiet.
 	ReasonKeepaliveTimeout
-	// ReasonWriteError: writing the response failed.
+	// ReasonWriteError means writing the response failed.
 	ReasonWriteError
-	// ReasonCanceled: net/http cancelled the request itself before any
-	// source reported why, e.g. an HTTP/2 stream reset by the client.
+	// ReasonCanceled means net/http cancelled the request itself and
+	// neither a source nor the socket said why, e.g. an HTTP/2 stream
+	// reset by the client.
 	ReasonCanceled
-	// ReasonError: another socket error ended the connection.
+	// ReasonError means another socket error ended the connection.
 	ReasonError
 
 	numReasons
@@ -86,12 +89,13 @@ var reasonNames = [numReasons]string{
 	ReasonError:            "error",
 }
 
-// String returns the reason's snake_case name, as used in metric labels.
+// String returns the reason's snake_case name, as used in metric labels,
+// or Reason(n) for an unknown value.
 func (r Reason) String() string {
 	if r < numReasons {
 		return reasonNames[r]
 	}
-	return fmt.Sprintf("reason(%d)", uint8(r))
+	return fmt.Sprintf("Reason(%d)", uint8(r))
 }
 
 // Sentinel errors. The request context's cause (context.Cause) is one of

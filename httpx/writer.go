@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -19,28 +20,45 @@ import (
 // from then on.
 //
 // It keeps http.Flusher (and FlushError), io.ReaderFrom and, when the
-// underlying writer has it, http.Hijacker; Unwrap lets
+// underlying writer has them, http.Hijacker and http.Pusher; Unwrap lets
 // http.ResponseController reach deadlines and full duplex.
+//
+// mu is held only while net/http's ResponseWriter is in use, never while
+// waiting for anything else (a ReadFrom source, say), so that release
+// takes it back in bounded time: a write blocked on the client is cut
+// short by a past write deadline. The detection goroutines never take it.
 type responseWriter struct {
 	s        *State
 	rw       http.ResponseWriter
-	released atomic.Bool // set with mu held; read without it on fast paths
+	released atomic.Bool  // set with mu held; read without it on fast paths
+	cut      atomic.Bool  // release set a past write deadline: write errors are its own
+	written  atomic.Int64 // body bytes accepted by the underlying writer
 
 	mu          sync.Mutex
-	wroteHeader bool  // a status or body was sent (or the connection hijacked)
-	written     int64 // body bytes accepted by the underlying writer
+	wroteHeader bool // a status or body was sent (or the connection hijacked)
 	spare       http.Header
 }
 
-// hijackWriter is responseWriter for an underlying writer that is an
-// http.Hijacker (HTTP/1.x), so a type assertion finds Hijack exactly when
-// it can work.
-type hijackWriter struct{ *responseWriter }
+// The wrappers below are responseWriter for an underlying writer that is an
+// http.Hijacker (HTTP/1.x), an http.Pusher (HTTP/2), or both, so that a
+// type assertion finds Hijack and Push exactly when they can work.
+type (
+	hijackWriter     struct{ *responseWriter }
+	pushWriter       struct{ *responseWriter }
+	hijackPushWriter struct{ *responseWriter }
+)
 
 func newWriter(s *State, w http.ResponseWriter) (*responseWriter, http.ResponseWriter) {
 	rw := &responseWriter{s: s, rw: w}
-	if _, ok := w.(http.Hijacker); ok {
+	_, hijacker := w.(http.Hijacker)
+	_, pusher := w.(http.Pusher)
+	switch {
+	case hijacker && pusher:
+		return rw, hijackPushWriter{rw}
+	case hijacker:
 		return rw, hijackWriter{rw}
+	case pusher:
+		return rw, pushWriter{rw}
 	}
 	return rw, rw
 }
@@ -103,43 +121,68 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		w.mu.Unlock()
 		return 0, ErrFinished
 	}
+	// net/http sends the header at the first Write, even an empty one.
 	w.wroteHeader = true
 	n, err := w.rw.Write(p)
-	w.written += int64(n)
+	w.written.Add(int64(n))
 	w.mu.Unlock()
 	if err != nil {
-		w.s.abort(ReasonWriteError, time.Now())
+		w.writeFailed()
 	}
 	return n, err
 }
 
-// ReadFrom copies src into the response, with the underlying writer's
-// ReadFrom (sendfile for files on HTTP/1.x) when it has one.
+// writeFailed marks the request aborted by a failed write, unless the
+// failure is the past write deadline set by release.
+func (w *responseWriter) writeFailed() {
+	if !w.cut.Load() {
+		w.s.abort(ReasonWriteError, time.Now())
+	}
+}
+
+// ReadFrom copies src into the response. A regular file goes through the
+// underlying writer's ReadFrom (sendfile on HTTP/1.x): reading it never
+// waits for long, and a write deadline cuts the copy short. Any other
+// source is copied in chunks through Write, so that reading it, which may
+// block for ever, happens without the writer's lock, and each chunk is an
+// output that ends the handler after an abort or a timeout.
 func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	if err := w.output(); err != nil {
 		return 0, err
+	}
+	rf, ok := w.rw.(io.ReaderFrom)
+	if !ok || !isRegularFile(src) {
+		return io.Copy(writerOnly{w}, src)
 	}
 	w.mu.Lock()
 	if w.released.Load() {
 		w.mu.Unlock()
 		return 0, ErrFinished
 	}
-	w.wroteHeader = true
-	var (
-		n   int64
-		err error
-	)
-	if rf, ok := w.rw.(io.ReaderFrom); ok {
-		n, err = rf.ReadFrom(src)
-	} else {
-		n, err = io.Copy(writerOnly{w.rw}, src)
+	n, err := rf.ReadFrom(src)
+	if n > 0 {
+		w.wroteHeader = true
 	}
-	w.written += n
+	w.written.Add(n)
 	w.mu.Unlock()
 	if err != nil && isWriteErr(err) {
-		w.s.abort(ReasonWriteError, time.Now())
+		w.writeFailed()
 	}
 	return n, err
+}
+
+// isRegularFile reports whether src reads a regular file, directly or
+// through an io.LimitedReader (as io.CopyN and http.ServeContent do).
+func isRegularFile(src io.Reader) bool {
+	if lr, ok := src.(*io.LimitedReader); ok {
+		src = lr.R
+	}
+	f, ok := src.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode().IsRegular()
 }
 
 // isWriteErr tells a failed write from a failed read of the source; net/http
@@ -171,7 +214,7 @@ func (w *responseWriter) FlushError() error {
 	}
 	w.mu.Unlock()
 	if err != nil && !errors.Is(err, http.ErrNotSupported) {
-		w.s.abort(ReasonWriteError, time.Now())
+		w.writeFailed()
 	}
 	return err
 }
@@ -190,7 +233,22 @@ func flushUnderlying(rw http.ResponseWriter) error {
 // Hijack takes over the connection (HTTP/1.x only). The request stays
 // tracked until the handler returns, but the detection source stops
 // watching the connection.
-func (w hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
+func (w hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) { return w.hijack() }
+
+// Push initiates an HTTP/2 server push. Like Write, it ends the handler
+// after an abort or a timeout; after the response was released it returns
+// ErrFinished.
+func (w pushWriter) Push(target string, opts *http.PushOptions) error { return w.push(target, opts) }
+
+// Hijack takes over the connection, as hijackWriter.Hijack.
+func (w hijackPushWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) { return w.hijack() }
+
+// Push initiates a server push, as pushWriter.Push.
+func (w hijackPushWriter) Push(target string, opts *http.PushOptions) error {
+	return w.push(target, opts)
+}
+
+func (w *responseWriter) hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if err := w.output(); err != nil {
 		return nil, nil, err
 	}
@@ -206,6 +264,18 @@ func (w hijackWriter) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	return c, brw, err
 }
 
+func (w *responseWriter) push(target string, opts *http.PushOptions) error {
+	if err := w.output(); err != nil {
+		return err
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.released.Load() {
+		return ErrFinished
+	}
+	return w.rw.(http.Pusher).Push(target, opts)
+}
+
 // flushForDelivery flushes what the handler wrote so far, without the abort
 // check: WaitDelivered wants the bytes in the kernel either way.
 func (w *responseWriter) flushForDelivery() {
@@ -216,11 +286,9 @@ func (w *responseWriter) flushForDelivery() {
 	}
 }
 
-func (w *responseWriter) bodyWritten() bool {
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.written > 0
-}
+// bodyWritten reports whether body bytes were written. It takes no lock:
+// the detection goroutines call it.
+func (w *responseWriter) bodyWritten() bool { return w.written.Load() > 0 }
 
 // release hands the response back to net/http. When the handler timed out
 // before writing anything it answers 503 first. stuck says the handler is
@@ -230,6 +298,7 @@ func (w *responseWriter) bodyWritten() bool {
 func (w *responseWriter) release(timedOut, stuck bool) (partial bool) {
 	if !w.mu.TryLock() {
 		if stuck {
+			w.cut.Store(true)
 			_ = http.NewResponseController(w.rw).SetWriteDeadline(time.Now())
 		}
 		w.mu.Lock()
