@@ -34,7 +34,8 @@ generate: deps-generate ## rebuild the BPF object and Go bindings from bpf/probe
 check-generated: generate ## fail if the committed BPF files differ from what the C source builds
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf/: generated files are stale: run 'make generate' and commit" >&2; exit 1; }
 
-lint: ## gofmt, go vet, and the rule that only bpf/ imports cilium/ebpf/link
+lint: ## gofmt, go vet, tidy go.mod, and the rule that only bpf/ imports cilium/ebpf/link
+	@$(GO) mod tidy -diff >/dev/null || { echo "go.mod/go.sum are not tidy: run 'go mod tidy'" >&2; exit 1; }
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:" >&2; echo "$$out" >&2; exit 1; fi
 	$(GO) vet ./...
 	@bad=$$($(GO) list -f '{{.ImportPath}} {{join .Imports " "}} {{join .TestImports " "}} {{join .XTestImports " "}}' ./... \
