@@ -12,7 +12,6 @@ import (
 // TestMain fails the run if goroutines of this package outlive the tests.
 func TestMain(m *testing.M) {
 	code := m.Run()
-	removeHangupdBin()
 	if code == 0 {
 		if leaked := leakedGoroutines(5 * time.Second); leaked != "" {
 			fmt.Fprintf(os.Stderr, "leaked goroutines:\n%s\n", leaked)

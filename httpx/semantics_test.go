@@ -16,6 +16,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hangup-io/hangup/internal/testutil"
 )
 
 func TestStatusString(t *testing.T) {
@@ -631,7 +633,7 @@ func TestCloseWhileConnecting(t *testing.T) {
 	ln := loopback(t)
 	defer ln.Close()
 	for range 300 {
-		var logs lockedLog
+		var logs testutil.Buffer
 		m := newMonitor(t, Options{Source: SourceEpoll, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
 		const n = 16
 		var clients, servers []net.Conn
@@ -665,24 +667,6 @@ func TestCloseWhileConnecting(t *testing.T) {
 			t.Fatalf("a connection was handed to the closed source:\n%s", logs.String())
 		}
 	}
-}
-
-// lockedLog is a log destination safe for concurrent use.
-type lockedLog struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (l *lockedLog) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedLog) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
 }
 
 func TestHijack(t *testing.T) {

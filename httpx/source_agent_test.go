@@ -1,7 +1,6 @@
 package httpx
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/testnet"
+	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
@@ -32,62 +32,10 @@ import (
 // loading the probe in-process made a test failure: everything it learns
 // comes from the agent over the unix socket.
 
-var hangupdBin struct {
-	once sync.Once
-	dir  string
-	path string
-	err  error
-}
-
-// buildHangupd builds the agent once per test binary; TestMain removes it.
-func buildHangupd(t *testing.T) string {
-	t.Helper()
-	b := &hangupdBin
-	b.once.Do(func() {
-		b.dir, b.err = os.MkdirTemp("", "hangupd-bin")
-		if b.err != nil {
-			return
-		}
-		b.path = filepath.Join(b.dir, "hangupd")
-		out, err := exec.Command("go", "build", "-o", b.path, "github.com/hangup-io/hangup/cmd/hangupd").CombinedOutput()
-		if err != nil {
-			b.err = fmt.Errorf("building hangupd: %v\n%s", err, out)
-		}
-	})
-	if b.err != nil {
-		t.Fatal(b.err)
-	}
-	return b.path
-}
-
-func removeHangupdBin() {
-	if hangupdBin.dir != "" {
-		os.RemoveAll(hangupdBin.dir)
-	}
-}
-
-// syncBuffer is a bytes.Buffer safe for concurrent writers and readers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // agentProc is a running hangupd.
 type agentProc struct {
 	cmd    *exec.Cmd
-	out    *syncBuffer
+	out    *testutil.Buffer
 	exited chan struct{}
 }
 
@@ -109,8 +57,8 @@ func agentSocketPath(t *testing.T) string {
 func startHangupd(t *testing.T, sock string) *agentProc {
 	t.Helper()
 	testnet.RequireRoot(t)
-	bin := buildHangupd(t)
-	p := &agentProc{out: &syncBuffer{}, exited: make(chan struct{})}
+	bin := testutil.BuildHangupd(t)
+	p := &agentProc{out: &testutil.Buffer{}, exited: make(chan struct{})}
 	p.cmd = exec.Command(bin, "--socket.path", sock, "--web.listen-address", "127.0.0.1:0", "--log.level", "debug")
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
 	if err := p.cmd.Start(); err != nil {
@@ -337,7 +285,7 @@ func TestAgentRestart(t *testing.T) {
 	sock := agentSocketPath(t)
 	ag := startHangupd(t, sock)
 	pair := testnet.NewPair(t)
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	started, results := make(chan agentRequest, 2), make(chan agentRequest, 2)
 	m, ts := agentServer(t, pair, sock, log, agentHandler(started, results))
@@ -430,7 +378,7 @@ func TestAgentUnreachableAtStart(t *testing.T) {
 		return nil, fmt.Errorf("loading: %w", bpf.ErrPermission)
 	}
 	newLogged := func(opts Options) (*Monitor, string) {
-		var buf syncBuffer
+		var buf testutil.Buffer
 		opts.Logger = slog.New(slog.NewTextHandler(&buf, nil))
 		m, err := New(opts)
 		if err != nil {
@@ -457,7 +405,7 @@ func TestAgentUnreachableAtStart(t *testing.T) {
 		}
 	})
 	t.Run("explicit", func(t *testing.T) {
-		var buf syncBuffer
+		var buf testutil.Buffer
 		m, err := New(Options{Source: SourceAgent, AgentSocket: staleSocket(t), Logger: slog.New(slog.NewTextHandler(&buf, nil))})
 		if err != nil {
 			t.Fatal(err)
@@ -625,7 +573,7 @@ func TestAgentSwitching(t *testing.T) {
 	agentRetryMin, agentRetryMax = 20*time.Millisecond, 200*time.Millisecond
 
 	fa := startFakeAgent(t)
-	logs := &syncBuffer{}
+	logs := &testutil.Buffer{}
 	m := newMonitor(t, Options{Source: SourceAgent, AgentSocket: fa.path, Logger: slog.New(slog.NewTextHandler(logs, nil))})
 	src := agentOf(t, m)
 	defer func() {

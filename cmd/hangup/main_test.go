@@ -10,7 +10,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -18,26 +17,9 @@ import (
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/probetest"
 	"github.com/hangup-io/hangup/internal/testnet"
+	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
 )
-
-// syncBuffer is a bytes.Buffer safe for a writer and a poller.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 func waitFor(t *testing.T, what string, cond func() bool) {
 	t.Helper()
@@ -51,9 +33,9 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 }
 
 // startWatch runs `hangup watch args...` in the background.
-func startWatch(t *testing.T, args ...string) (*syncBuffer, <-chan error) {
+func startWatch(t *testing.T, args ...string) (*testutil.Buffer, <-chan error) {
 	t.Helper()
-	var stdout, stderr syncBuffer
+	var stdout, stderr testutil.Buffer
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- run(ctx, append([]string{"watch"}, args...), &stdout, &stderr) }()

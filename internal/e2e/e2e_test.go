@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -22,6 +21,7 @@ import (
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/httpx"
 	"github.com/hangup-io/hangup/internal/testnet"
+	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
 )
 
@@ -157,24 +157,6 @@ func TestUnprivilegedServer(t *testing.T) {
 	srv.stop(t)
 }
 
-// syncBuffer is a bytes.Buffer safe for concurrent use.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // socketPath returns a short socket path (unix socket paths are limited to
 // 108 bytes) in a fresh directory that nobody may traverse.
 func socketPath(t *testing.T) string {
@@ -210,11 +192,8 @@ func binDir(t *testing.T) string {
 // (or fails under HANGUP_REQUIRE_BPF=1) when the probe cannot load.
 func startAgent(t *testing.T, sock string) {
 	t.Helper()
-	bin := filepath.Join(binDir(t), "hangupd")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/hangup-io/hangup/cmd/hangupd").CombinedOutput(); err != nil {
-		t.Fatalf("building hangupd: %v\n%s", err, out)
-	}
-	out := &syncBuffer{}
+	bin := testutil.BuildHangupd(t)
+	out := &testutil.Buffer{}
 	cmd := exec.Command(bin, "--socket.path", sock, "--socket.group", strconv.Itoa(nobody),
 		"--web.listen-address", "127.0.0.1:0", "--log.level", "debug")
 	cmd.Stdout, cmd.Stderr = out, out
@@ -372,7 +351,7 @@ type serverProc struct {
 	cmd    *exec.Cmd
 	stdin  io.WriteCloser
 	lines  *lineLog
-	stderr *syncBuffer
+	stderr *testutil.Buffer
 	exited chan struct{} // closed when the process was reaped and its stdout read
 	err    error         // Wait's result, once exited is closed
 }
@@ -398,7 +377,7 @@ func startServer(t *testing.T, pair *testnet.Pair, setpriv, sock string) *server
 		bin, "-test.run=^$")
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), modeEnv+"=server", socketEnv+"="+sock, portEnv+"="+strconv.Itoa(serverPort))
-	p := &serverProc{cmd: cmd, lines: newLineLog(), stderr: &syncBuffer{}, exited: make(chan struct{})}
+	p := &serverProc{cmd: cmd, lines: newLineLog(), stderr: &testutil.Buffer{}, exited: make(chan struct{})}
 	cmd.Stderr = p.stderr
 	if p.stdin, err = cmd.StdinPipe(); err != nil {
 		t.Fatal(err)
