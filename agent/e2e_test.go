@@ -136,7 +136,7 @@ func TestEndToEnd(t *testing.T) {
 	}
 	defer c3.Close()
 	s3, toCookie := accept(t, acceptA)
-	setUserTimeout(t, s3, 500*time.Millisecond)
+	testnet.SetUserTimeout(t, s3, 500*time.Millisecond)
 	pair.Cut()
 	s3.Write([]byte("are you still there?"))
 	e = logA.wait(t, "timeout close", cookieKind(toCookie, bpf.KindClosed))
@@ -157,7 +157,7 @@ func TestEndToEnd(t *testing.T) {
 	}
 	defer c5.Close()
 	s5, rtoCookie := accept(t, acceptA)
-	setUserTimeout(t, s5, 1500*time.Millisecond)
+	testnet.SetUserTimeout(t, s5, 1500*time.Millisecond)
 	if out, err := pair.Client.Exec(ctx, "ip", "route", "add", "blackhole", testnet.ServerAddr4.String()+"/32"); err != nil {
 		t.Fatalf("%v: %s", err, out)
 	}
@@ -250,21 +250,6 @@ func TestEndToEnd(t *testing.T) {
 	}
 	if v := get("hangup_agent_subscribers"); v != 2 {
 		t.Errorf("hangup_agent_subscribers = %v, want 2", v)
-	}
-}
-
-func setUserTimeout(t *testing.T, c net.Conn, d time.Duration) {
-	t.Helper()
-	rc, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
-	})
-	if serr != nil {
-		t.Fatal(serr)
 	}
 }
 

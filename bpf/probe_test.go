@@ -170,7 +170,7 @@ func TestLinkCutWhileWriting(t *testing.T) {
 		t.Run(f.name, func(t *testing.T) {
 			e := newEnv(t)
 			c := e.connect(t, f.net, f.server, 0)
-			setUserTimeout(t, c.server, time.Second)
+			testnet.SetUserTimeout(t, c.server, time.Second)
 			e.pair.Cut()
 			writeErr := make(chan error, 1)
 			go func() {
@@ -454,21 +454,6 @@ func requireOrder(t *testing.T, got []bpf.Kind, want ...bpf.Kind) {
 	}
 	if i != len(want) {
 		t.Errorf("events %v do not contain %v in order", got, want)
-	}
-}
-
-func setUserTimeout(t *testing.T, c net.Conn, d time.Duration) {
-	t.Helper()
-	rc, err := c.(*net.TCPConn).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var serr error
-	rc.Control(func(fd uintptr) {
-		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
-	})
-	if serr != nil {
-		t.Fatal(serr)
 	}
 }
 

@@ -253,3 +253,22 @@ func SocketCookie(c net.Conn) (uint64, error) {
 	}
 	return cookie, serr
 }
+
+// SetUserTimeout sets TCP_USER_TIMEOUT on a TCP connection: the kernel
+// gives up on unacknowledged data (and unanswered probes) after d.
+func SetUserTimeout(t testing.TB, c net.Conn, d time.Duration) {
+	t.Helper()
+	rc, err := c.(syscall.Conn).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var serr error
+	if err := rc.Control(func(fd uintptr) {
+		serr = unix.SetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT, int(d.Milliseconds()))
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if serr != nil {
+		t.Fatalf("TCP_USER_TIMEOUT: %v", serr)
+	}
+}
