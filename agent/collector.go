@@ -178,15 +178,7 @@ func (c *collector) group(ports map[uint16]bpf.PortCounters) map[string]*bpf.Por
 			sum = new(bpf.PortCounters)
 			out[label] = sum
 		}
-		sum.Opened += pc.Opened
-		sum.PeerFIN += pc.PeerFIN
-		sum.PeerReset += pc.PeerReset
-		sum.LocalReset += pc.LocalReset
-		sum.Retransmits += pc.Retransmits
-		sum.Errors += pc.Errors
-		for i := range sum.Closed {
-			sum.Closed[i] += pc.Closed[i]
-		}
+		sum.Add(&pc)
 	}
 	return out
 }

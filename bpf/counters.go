@@ -34,16 +34,25 @@ func (c *PortCounters) ClosedTotal() uint64 {
 	return n
 }
 
-func (c *PortCounters) add(v *probeCounters) {
-	c.Opened += v.Opened
-	c.PeerFIN += v.PeerFin
-	c.PeerReset += v.PeerReset
-	c.LocalReset += v.LocalReset
-	c.Retransmits += v.Retransmits
-	c.Errors += v.Errors
+// Add adds o's counts to c, e.g. to sum ports under one label.
+func (c *PortCounters) Add(o *PortCounters) {
+	c.Opened += o.Opened
+	c.PeerFIN += o.PeerFIN
+	c.PeerReset += o.PeerReset
+	c.LocalReset += o.LocalReset
+	c.Retransmits += o.Retransmits
+	c.Errors += o.Errors
 	for i := range c.Closed {
-		c.Closed[i] += v.Closed[i]
+		c.Closed[i] += o.Closed[i]
 	}
+}
+
+// add adds one CPU's counts, in the kernel's layout.
+func (c *PortCounters) add(v *probeCounters) {
+	c.Add(&PortCounters{
+		Opened: v.Opened, PeerFIN: v.PeerFin, PeerReset: v.PeerReset, LocalReset: v.LocalReset,
+		Retransmits: v.Retransmits, Errors: v.Errors, Closed: v.Closed,
+	})
 }
 
 // PortCounters returns the counters of every local port that has seen a
