@@ -132,16 +132,7 @@ func TestConnCloseNotDelivered(t *testing.T) {
 	started := make(chan struct{}, 1)
 	goOn := newGate(t)
 	res := make(chan error, 1)
-	ts := serve(t, m, ln, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		st := FromContext(r.Context())
-		started <- struct{}{}
-		<-goOn.ch
-		io.WriteString(w, strings.Repeat("confirmation ", 1000))
-		st.Finish()
-		ctx, cancel := context.WithTimeout(context.Background(), wait)
-		defer cancel()
-		res <- st.WaitDelivered(ctx)
-	}), nil)
+	ts := serve(t, m, ln, confirmingHandler(started, func() *gate { return goOn }, wait, res), nil)
 	c, err := pair.Client.Dial("tcp", ts.addr)
 	if err != nil {
 		t.Fatal(err)

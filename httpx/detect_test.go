@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
@@ -253,16 +252,8 @@ func TestDetectLinkCutBeforeDelivery(t *testing.T) {
 				started := make(chan struct{}, 1)
 				delivery := make(chan error, 1)
 				var goOn *gate
-				pair, ts := netServer(t, Options{Source: src, DropTimeout: drop}, func(w http.ResponseWriter, r *http.Request) {
-					st := FromContext(r.Context())
-					started <- struct{}{}
-					<-goOn.ch
-					io.WriteString(w, strings.Repeat("confirmation ", 1000))
-					st.Finish()
-					ctx, cancel := context.WithTimeout(context.Background(), wait)
-					defer cancel()
-					delivery <- st.WaitDelivered(ctx)
-				})
+				pair, ts := netServer(t, Options{Source: src, DropTimeout: drop},
+					confirmingHandler(started, func() *gate { return goOn }, wait, delivery))
 				goOn = newGate(t)
 				c, err := pair.Client.Dial("tcp", ts.addr)
 				if err != nil {

@@ -222,3 +222,19 @@ func contains(s, sub string) bool { return strings.Contains(s, sub) }
 func contextWithCancel() (context.Context, context.CancelFunc) {
 	return context.WithCancel(context.Background())
 }
+
+// confirmingHandler signals started, waits for goOn, writes a confirmation,
+// finishes the response and sends the result of waiting up to wait for its
+// delivery on res.
+func confirmingHandler(started chan<- struct{}, goOn func() *gate, wait time.Duration, res chan<- error) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		st := FromContext(r.Context())
+		started <- struct{}{}
+		<-goOn().ch
+		io.WriteString(w, strings.Repeat("confirmation ", 1000))
+		st.Finish()
+		ctx, cancel := context.WithTimeout(context.Background(), wait)
+		defer cancel()
+		res <- st.WaitDelivered(ctx)
+	}
+}

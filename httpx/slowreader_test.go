@@ -95,15 +95,7 @@ func TestZeroWindowLiveClient(t *testing.T) {
 					}
 				}
 			}), nil)
-			c, err := pair.Client.Dial("tcp", ts.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if err := c.(*net.TCPConn).SetReadBuffer(32 << 10); err != nil {
-				t.Fatal(err)
-			}
-			rawGet(t, c, "/")
+			c := slowReader(t, pair, ts.addr)
 			sc := waitFor(t, conns, "the handler")
 
 			// Alive but not reading, for three drop timeouts.
@@ -163,15 +155,7 @@ func TestZeroWindowDeadClient(t *testing.T) {
 				}
 				out <- result{status: st.Status(), reason: st.AbortReason()}
 			}), nil)
-			c, err := pair.Client.Dial("tcp", ts.addr)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer c.Close()
-			if err := c.(*net.TCPConn).SetReadBuffer(32 << 10); err != nil {
-				t.Fatal(err)
-			}
-			rawGet(t, c, "/")
+			slowReader(t, pair, ts.addr)
 			sc := waitFor(t, conns, "the handler")
 			waitStalled(t, sc, drop+drop/2)
 			if s := stallOf(t, sc); !s.zero {
@@ -186,4 +170,21 @@ func TestZeroWindowDeadClient(t *testing.T) {
 			}
 		})
 	}
+}
+
+// slowReader connects from the client host with a small receive buffer
+// (so that a client that stops reading soon shows a zero window) and sends
+// GET /; it reads nothing.
+func slowReader(t *testing.T, pair *testnet.Pair, addr string) net.Conn {
+	t.Helper()
+	c, err := pair.Client.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.(*net.TCPConn).SetReadBuffer(32 << 10); err != nil {
+		t.Fatal(err)
+	}
+	rawGet(t, c, "/")
+	return c
 }
