@@ -70,12 +70,12 @@ func TestDeliveredNotCounted(t *testing.T) {
 	io.Copy(io.Discard, resp.Body)
 	resp.Body.Close()
 	sc := waitFor(t, conns, "the handler")
-	eventually(t, "the drain ends", func() bool { sc.mu.Lock(); defer sc.mu.Unlock(); return sc.busy == 0 })
+	eventually(t, "the drain ends", func() bool { return !sc.tuned.Load() && sc.pending.Load() == nil })
 	if got := readSockopts(t, sc); got.userTimeout != 0 {
 		t.Errorf("idle connection kept user timeout %d", got.userTimeout)
 	}
 	reset(t, c)
-	eventually(t, "the reset is seen", sc.isDead)
+	waitFor(t, ts.closed, "net/http to close the connection")
 	if n := m.Stats().Undelivered; n != 0 {
 		t.Errorf("undelivered = %d for a response the client read", n)
 	}
@@ -218,15 +218,11 @@ func TestClassifyOrderlyHUP(t *testing.T) {
 	sv.Close()
 }
 
-type nopSink struct{}
-
-func (nopSink) deliver(uint64, event) {}
-
 // TestEpollWatchAfterClose: a watch racing the source's close never
 // registers in a closed (or reused) epoll descriptor nor leaks its
 // duplicate.
 func TestEpollWatchAfterClose(t *testing.T) {
-	src, err := startEpoll(nopSink{}, slog.New(slog.DiscardHandler))
+	src, err := startEpoll(func(*conn, Reason, time.Time) {}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -237,7 +233,7 @@ func TestEpollWatchAfterClose(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer nc.Close()
-	c, err := newConn(nil, nc)
+	c, err := newConn(context.Background(), nil, nc)
 	if err != nil {
 		t.Fatal(err)
 	}

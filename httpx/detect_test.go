@@ -148,15 +148,13 @@ func TestDetectHalfClose(t *testing.T) {
 				eventually(t, "the source reports the FIN", func() bool {
 					ts.m.mu.Lock()
 					defer ts.m.mu.Unlock()
-					for _, x := range ts.m.byCookie {
+					for _, x := range ts.m.byNC {
 						cn = x
 					}
 					if cn == nil {
 						return false
 					}
-					cn.mu.Lock()
-					defer cn.mu.Unlock()
-					return cn.fin
+					return cn.state.Load()&connFIN != 0
 				})
 				close(finSeen)
 				res := waitFor(t, results, "handler result")

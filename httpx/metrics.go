@@ -26,6 +26,10 @@ var (
 		prometheus.BuildFQName(namespace, "http", "detection_source"),
 		"The detection source in use (1) and the others (0). The agent source shows epoll while the agent is away.",
 		[]string{"source"}, nil)
+	agentAwayDesc = prometheus.NewDesc(
+		prometheus.BuildFQName(namespace, "http", "agent_disconnected"),
+		"1 while the agent source has no session with the host agent and watches its connections with epoll; 0 while connected. Exported only by servers using the agent source.",
+		nil, nil)
 )
 
 var outcomes = [4]string{"normal", "aborted", "timeout", "aborted_timeout"}
@@ -64,6 +68,7 @@ func (m *Monitor) Describe(ch chan<- *prometheus.Desc) {
 	ch <- abortsDesc
 	ch <- undeliveredDesc
 	ch <- sourceDesc
+	ch <- agentAwayDesc
 	m.metrics.latency.Describe(ch)
 }
 
@@ -84,6 +89,13 @@ func (m *Monitor) Collect(ch chan<- prometheus.Metric) {
 			v = 1
 		}
 		ch <- prometheus.MustNewConstMetric(sourceDesc, prometheus.GaugeValue, v, string(s))
+	}
+	if _, ok := m.src.(*agentSource); ok {
+		away := 0.0
+		if cur != SourceAgent {
+			away = 1
+		}
+		ch <- prometheus.MustNewConstMetric(agentAwayDesc, prometheus.GaugeValue, away)
 	}
 	x.latency.Collect(ch)
 }

@@ -3,15 +3,14 @@ package httpx
 import (
 	"bytes"
 	"context"
-	"fmt"
 	"strings"
 
-	"github.com/hangup-io/hangup/bpf"
-	"github.com/hangup-io/hangup/internal/testnet"
 	"log/slog"
 	"net"
 	"net/http"
 	"testing"
+
+	"github.com/hangup-io/hangup/internal/testnet"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -116,10 +115,7 @@ func TestStreamReset(t *testing.T) {
 }
 
 func TestSourceFallsBackLoudly(t *testing.T) {
-	defer func(orig func(bpf.Options) (*bpf.Probe, error)) { loadProbe = orig }(loadProbe)
-	loadProbe = func(bpf.Options) (*bpf.Probe, error) {
-		return nil, fmt.Errorf("loading: %w", bpf.ErrPermission)
-	}
+	failBPF(t, nil)
 	var buf bytes.Buffer
 	m, err := New(Options{Source: SourceBPF, Logger: slog.New(slog.NewTextHandler(&buf, nil))})
 	if err != nil {
@@ -138,6 +134,7 @@ func TestSourceFallsBackLoudly(t *testing.T) {
 // and applied when the connection is registered.
 func TestEventBeforeRegistration(t *testing.T) {
 	m := newMonitor(t, Options{Source: SourceNone})
+	m.src = newCookieSource(SourceBPF, nopDetect{})
 	ln := loopback(t)
 	defer ln.Close()
 	client, err := net.Dial("tcp", ln.Addr().String())
@@ -158,7 +155,7 @@ func TestEventBeforeRegistration(t *testing.T) {
 	m.deliver(cookie, event{reason: ReasonPeerReset})
 	ctx := m.connContext(context.Background(), server)
 	c, _ := ctx.Value(connKey{}).(*conn)
-	if c == nil || c.cookie != cookie || !c.isDead() || c.dead != ReasonPeerReset {
+	if c == nil || c.cookie != cookie || c.dead() != ReasonPeerReset {
 		t.Fatalf("conn %+v", c)
 	}
 	m.connState(server, http.StateClosed)

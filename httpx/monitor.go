@@ -9,20 +9,22 @@ import (
 	"net/http"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/hangup-io/hangup/bpf"
+	"github.com/hangup-io/hangup/httpx/internal/detect"
 	"github.com/hangup-io/hangup/internal/wire"
 )
 
 // Options configures a Monitor. The zero value is a valid configuration.
 type Options struct {
 	// Source picks the detection source. The zero value, SourceAuto, tries
-	// SourceAgent if a socket exists at AgentSocket, then SourceBPF, then
-	// SourceEpoll. A source that fails to start falls back to the next one
-	// (agent, bpf, epoll, none) with a warning, except an explicit
-	// SourceAgent: when the agent cannot be reached at start, it starts
-	// watching with epoll and keeps trying to connect (see SourceAgent).
+	// SourceAgent if a socket exists at AgentSocket, then SourceBPF (when
+	// linked in, see package httpx/bpfsource), then SourceEpoll. A source
+	// that fails to start falls back to the next one (agent, bpf, epoll,
+	// none) with a warning, except an explicit SourceAgent: when the agent
+	// cannot be reached at start, it starts watching with epoll and keeps
+	// trying to connect (see SourceAgent).
 	Source Source
 
 	// AgentSocket is the agent's unix socket, for SourceAgent. Empty means
@@ -31,16 +33,17 @@ type Options struct {
 
 	// DropTimeout bounds how long a client can be silently gone (link down,
 	// no FIN or RST) before its request is marked aborted, while the
-	// request runs or WaitDelivered waits: the connection then gets
-	// TCP_USER_TIMEOUT and keepalive settings derived from it, and gets its
-	// own settings back once every response byte has been acknowledged (a
-	// connection that dies first counts its response undelivered). A
-	// client that is alive but stops reading (zero window) is not cut off:
-	// while it answers the kernel's window probes the deadline moves on,
-	// and once it stops answering it is marked aborted within 11/8 of the
-	// derived user timeout (see conn.go). Zero means 10s; the effective
-	// minimum is 2s (keepalive counts whole seconds). Negative leaves
-	// socket options alone.
+	// request runs or WaitDelivered waits. A request that runs longer than
+	// about an eighth of it has its connection given TCP_USER_TIMEOUT and
+	// keepalive settings derived from it (requests that end sooner pay
+	// nothing), until every response byte has been acknowledged; then the
+	// connection gets its own settings back (a connection that dies first
+	// counts its response undelivered). A client that is alive but stops
+	// reading (zero window) is not cut off: while it answers the kernel's
+	// window probes the deadline moves on, and once it stops answering it
+	// is marked aborted within 11/8 of the derived user timeout (see
+	// droptune.go). Zero means 10s; the effective minimum is 2s. Negative
+	// leaves socket options alone.
 	DropTimeout time.Duration
 
 	// TimeLimit is every request's initial time limit (see
@@ -56,12 +59,22 @@ type Options struct {
 	// its context live, although net/http cancels its own request context
 	// on the FIN once the body was read. HTTP/2 is the exception: net/http
 	// closes the whole connection on a FIN, so its requests are aborted
-	// anyway. By default a half-close counts, as nginx answers
-	// it with 499. A reset or timeout always counts.
+	// anyway. By default a half-close counts, as nginx answers it with
+	// 499. A reset or timeout always counts.
 	IgnoreHalfClose bool
 
+	// Detach runs every handler in a goroutine of its own, as HTTP/2
+	// handlers always are, instead of on net/http's goroutine. That costs
+	// a goroutine and a few channel operations per request, and lets
+	// State.Finish on HTTP/1.x hand the response back through any
+	// middleware around Handler (a compressing one, say) as if the handler
+	// had returned. Without it, an HTTP/1.x Finish completes the response
+	// at once only where Handler sits directly on net/http's
+	// ResponseWriter (see State.Finish).
+	Detach bool
+
 	// BPF configures the in-process probe of SourceBPF.
-	BPF bpf.Options
+	BPF BPFOptions
 
 	// Logger receives the source selection (once, at New), fallbacks and
 	// panics in shutdown functions and continuations. Nil means
@@ -69,11 +82,19 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// BPFOptions configures the in-process kernel probe (SourceBPF); see
+// bpf.Options for the meaning of each field. The zero value takes the
+// probe's defaults.
+type BPFOptions struct {
+	RingBufferSize int
+	MaxConnections int
+	FlushInterval  time.Duration
+}
+
 const (
 	defaultDropTimeout = 10 * time.Second
 	defaultGrace       = time.Second
 	recentEvents       = 4096
-	closeLinger        = time.Second
 )
 
 // Monitor detects departed clients and gives requests their State. Create
@@ -82,24 +103,27 @@ const (
 type Monitor struct {
 	opts  Options
 	log   *slog.Logger
-	drop  dropSettings
+	drop  *watchdog
 	grace time.Duration
 	src   source
 
 	metrics *metrics
 
-	mu        sync.Mutex
-	byCookie  map[uint64]*conn
-	byNetConn map[net.Conn]*conn
-	recent    map[uint64]event // events of cookies not (yet) tracked
-	ring      []uint64         // recent's keys, oldest first, to bound it
-	ringNext  int
-	servers   []*http.Server
+	mu       sync.Mutex
+	byNC     map[net.Conn]*conn // every tracked connection, for ConnState and the watchdog
+	byCookie map[uint64]*conn   // connections of sources that report by cookie
+	recent   map[uint64]event   // events of cookies not (yet) tracked
+	ring     []uint64           // recent's keys, oldest first, to bound it
+	ringNext int
+	servers  []*http.Server
+	closed   bool
 
 	// closeMu is held shared while a connection is handed to the source
 	// and exclusively by Close, so no watch runs on a closed source.
 	closeMu sync.RWMutex
-	closed  bool // guarded by closeMu and mu: either is enough to read it
+
+	idleWaiters    atomic.Int32 // delivery waits that need ConnState's StateIdle
+	warnFinishOnce sync.Once
 
 	work     workCount // handlers, continuations, timers' work
 	bgCtx    context.Context
@@ -116,21 +140,24 @@ func New(opts Options) (*Monitor, error) {
 	}
 	log = log.With("component", "httpx")
 	m := &Monitor{
-		opts:      opts,
-		log:       log,
-		drop:      newDropSettings(opts.DropTimeout),
-		grace:     cmpOr(opts.TimeoutGrace, defaultGrace),
-		byCookie:  make(map[uint64]*conn),
-		byNetConn: make(map[net.Conn]*conn),
-		recent:    make(map[uint64]event),
-		ring:      make([]uint64, recentEvents),
+		opts:     opts,
+		log:      log,
+		grace:    cmpOr(opts.TimeoutGrace, defaultGrace),
+		byNC:     make(map[net.Conn]*conn),
+		byCookie: make(map[uint64]*conn),
+		recent:   make(map[uint64]event),
+		ring:     make([]uint64, recentEvents),
 	}
 	m.bgCtx, m.bgCancel = context.WithCancel(context.Background())
+	m.drop = newWatchdog(m, newDropSettings(opts.DropTimeout))
 	m.metrics = newMetrics()
 	var order []Source
 	switch opts.Source {
 	case SourceAuto:
-		order = []Source{SourceBPF, SourceEpoll, SourceNone}
+		order = []Source{SourceEpoll, SourceNone}
+		if detect.BPF() != nil {
+			order = append([]Source{SourceBPF}, order...)
+		}
 		if agentSocketExists(m.agentSocket()) {
 			order = append([]Source{SourceAgent}, order...)
 		}
@@ -153,20 +180,29 @@ func New(opts Options) (*Monitor, error) {
 		}
 		log.Warn("detection source failed to start, falling back", "source", name, "fallback", order[i+1], "err", err)
 	}
-	log.Info("detecting client aborts", "source", m.src.name(), "drop_timeout", m.drop.timeout())
+	log.Info("detecting client aborts", "source", m.src.name(), "drop_timeout", m.drop.set.timeout)
 	return m, nil
 }
+
+// ErrBPFNotLinked is why SourceBPF does not start in a program that does
+// not import package httpx/bpfsource.
+var ErrBPFNotLinked = errors.New("the in-process probe is not linked in: import _ \"github.com/hangup-io/hangup/httpx/bpfsource\"")
 
 func (m *Monitor) start(name Source) (source, error) {
 	switch name {
 	case SourceBPF:
-		s, err := startBPF(m.opts.BPF, m, m.log)
+		startBPF := detect.BPF()
+		if startBPF == nil {
+			return nil, ErrBPFNotLinked
+		}
+		o := m.opts.BPF
+		s, err := startBPF(detect.BPFOptions{RingBufferSize: o.RingBufferSize, MaxConnections: o.MaxConnections, FlushInterval: o.FlushInterval}, m, m.log)
 		if err != nil {
 			return nil, fmt.Errorf("loading the probe: %w", err)
 		}
-		return s, nil
+		return newCookieSource(SourceBPF, s), nil
 	case SourceEpoll:
-		return startEpoll(m, m.log)
+		return startEpoll(nil, m.log)
 	case SourceAgent:
 		// An explicit agent source outlives an agent that is not
 		// there yet; the automatic choice falls back instead.
@@ -200,21 +236,14 @@ func (m *Monitor) agentSocket() string {
 // use ServeTLS, or wrap the result with tls.NewListener. Registration
 // happens in the background: connections accepted before it completes, on
 // listeners not passed through Listener, or on a listener the agent
-// refused are watched with epoll instead, so none goes unwatched. Closing the returned
-// listener closes ln and stops registering it. With any other source,
-// Listener returns ln itself.
+// refused are watched with epoll instead, so none goes unwatched. Closing
+// the returned listener closes ln and stops registering it. With any other
+// source, Listener returns ln itself.
 func (m *Monitor) Listener(ln net.Listener) net.Listener {
 	if s, ok := m.src.(*agentSource); ok {
 		return s.addListener(ln)
 	}
 	return ln
-}
-
-func (d dropSettings) timeout() time.Duration {
-	if !d.enabled {
-		return 0
-	}
-	return time.Duration(d.opts.userTimeout)*time.Millisecond + time.Duration(d.opts.intvl)*time.Second
 }
 
 func cmpOr(v, def time.Duration) time.Duration {
@@ -232,10 +261,9 @@ func (m *Monitor) Source() Source { return m.src.name() }
 // srv.ConnState, calling any functions already there, so that every
 // connection srv accepts is tracked (any listener, TLS, Serve or ServeTLS,
 // HTTP/1.x and HTTP/2 over TLS or cleartext). Call it before the server
-// starts, and do not replace those two fields afterwards: the epoll source
-// releases a connection's duplicate descriptor only when ConnState reports
-// it closed or hijacked. net/http does not show srv's listeners here: with
-// SourceAgent, also serve through Monitor.Listener.
+// starts, and do not replace those two fields afterwards. net/http does not
+// show srv's listeners here: with SourceAgent, also serve through
+// Monitor.Listener.
 func (m *Monitor) Configure(srv *http.Server) {
 	prevCtx, prevState := srv.ConnContext, srv.ConnState
 	srv.ConnContext = func(ctx context.Context, c net.Conn) context.Context {
@@ -255,99 +283,143 @@ func (m *Monitor) Configure(srv *http.Server) {
 	m.mu.Unlock()
 }
 
+// connContext starts tracking a connection: the returned context is the
+// connection itself (see conn).
 func (m *Monitor) connContext(ctx context.Context, nc net.Conn) context.Context {
-	c, err := newConn(m, nc)
+	c, err := newConn(ctx, m, nc)
 	if err != nil {
 		m.log.Debug("connection not tracked", "remote", nc.RemoteAddr(), "err", err)
 		return ctx
 	}
 	m.closeMu.RLock()
 	defer m.closeMu.RUnlock()
-	if m.closed {
+	m.mu.Lock()
+	closed := m.closed
+	m.mu.Unlock()
+	if closed {
 		return ctx
 	}
 	if err := m.src.watch(c); err != nil {
-		m.log.Warn("connection not watched", "remote", nc.RemoteAddr(), "err", err)
+		m.log.Debug("connection not watched", "remote", nc.RemoteAddr(), "err", err)
 	}
 	m.mu.Lock()
-	m.byCookie[c.cookie] = c
-	m.byNetConn[nc] = c
-	ev, seen := m.recent[c.cookie]
-	delete(m.recent, c.cookie)
-	m.mu.Unlock()
-	if seen {
-		c.report(ev)
+	m.byNC[nc] = c
+	first := len(m.byNC) == 1
+	var (
+		ev   event
+		seen bool
+	)
+	if c.cookie != 0 {
+		m.byCookie[c.cookie] = c
+		c.mapped = true
+		ev, seen = m.recent[c.cookie]
+		delete(m.recent, c.cookie)
 	}
-	return context.WithValue(ctx, connKey{}, c)
+	m.mu.Unlock()
+	if first {
+		m.drop.wake()
+	}
+	if seen {
+		c.report(ev.reason, ev.at)
+	}
+	return c
 }
 
 func (m *Monitor) connState(nc net.Conn, st http.ConnState) {
 	switch st {
 	case http.StateIdle:
+		if m.idleWaiters.Load() == 0 {
+			return
+		}
 		m.mu.Lock()
-		c := m.byNetConn[nc]
+		c := m.byNC[nc]
 		m.mu.Unlock()
 		if c != nil {
-			c.responded()
+			c.mu.Lock()
+			c.wakeIdleLocked()
+			c.mu.Unlock()
 		}
 	case http.StateClosed, http.StateHijacked:
 		m.mu.Lock()
-		c := m.byNetConn[nc]
-		delete(m.byNetConn, nc)
+		c := m.byNC[nc]
+		delete(m.byNC, nc)
 		m.mu.Unlock()
 		if c == nil {
 			return
 		}
 		m.src.unwatch(c)
-		c.markClosed()
-		// A delivery wait still wants to hear how the connection ends;
-		// the last release forgets it.
 		c.mu.Lock()
-		linger := c.busy > 0
-		c.lingering = linger
+		c.closed = true
+		c.closedFlag.Store(true)
+		c.wakeIdleLocked()
+		busy := c.active.Load() > 0
 		c.mu.Unlock()
-		if !linger {
-			// Events the kernel raised just before net/http closed the
-			// connection may still be on their way; requests whose context
-			// net/http cancelled on closing are waiting for them.
-			time.AfterFunc(closeLinger, func() { m.forget(c) })
+		m.drop.closed(c)
+		if !busy {
+			c.released()
 		}
 	}
 }
 
-// forget stops routing events to a closed connection.
-func (m *Monitor) forget(c *conn) {
+// unmap stops routing a closed connection's events: once net/http closed
+// it and no request is left on it.
+func (m *Monitor) unmap(c *conn) {
 	m.mu.Lock()
-	if m.byCookie[c.cookie] == c {
+	if c.mapped && m.byCookie[c.cookie] == c {
 		delete(m.byCookie, c.cookie)
 	}
+	c.mapped = false
 	m.mu.Unlock()
 }
 
-// deliver implements sink.
+// Deliver implements detect.Sink for the sources that report by socket
+// cookie (the in-process probe, the agent): the event goes to the
+// connection, or is remembered for a while, so that an event that lands
+// between accept and ConnContext is not lost.
+func (m *Monitor) Deliver(cookie uint64, k detect.Kind, at time.Time) {
+	m.deliver(cookie, event{reason: kindReason(k), at: at})
+}
+
 func (m *Monitor) deliver(cookie uint64, ev event) {
 	m.mu.Lock()
 	c := m.byCookie[cookie]
 	if c == nil {
-		if m.closed {
-			m.mu.Unlock()
-			return
-		}
-		if old, ok := m.recent[cookie]; !ok || old.reason == ReasonPeerFIN {
-			if !ok {
-				if evicted := m.ring[m.ringNext]; evicted != 0 {
-					delete(m.recent, evicted)
-				}
-				m.ring[m.ringNext] = cookie
-				m.ringNext = (m.ringNext + 1) % len(m.ring)
-			}
-			m.recent[cookie] = ev
+		if !m.closed {
+			m.rememberLocked(cookie, ev)
 		}
 		m.mu.Unlock()
 		return
 	}
 	m.mu.Unlock()
-	c.report(ev)
+	c.report(ev.reason, ev.at)
+}
+
+// rememberLocked keeps the event of an unknown cookie, a death over a
+// half-close, in a bounded ring.
+func (m *Monitor) rememberLocked(cookie uint64, ev event) {
+	old, ok := m.recent[cookie]
+	if ok && old.reason != ReasonPeerFIN {
+		return
+	}
+	if !ok {
+		if evicted := m.ring[m.ringNext]; evicted != 0 {
+			delete(m.recent, evicted)
+		}
+		m.ring[m.ringNext] = cookie
+		m.ringNext = (m.ringNext + 1) % len(m.ring)
+	}
+	m.recent[cookie] = ev
+}
+
+// conns returns every tracked connection.
+func (m *Monitor) conns() []*conn {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make([]*conn, 0, len(m.byNC))
+	for _, c := range m.byNC {
+		out = append(out, c)
+	}
+	return out
 }
 
 // goBackground runs fn as a tracked continuation.
@@ -418,6 +490,7 @@ func (m *Monitor) Close() error {
 		return nil
 	}
 	m.bgCancel()
+	m.drop.stop()
 	return m.src.close()
 }
 

@@ -39,7 +39,7 @@ func stallOf(t *testing.T, c *conn) stall {
 	return stall{
 		zero:     info.Snd_wnd == 0 && info.Notsent_bytes > 0 && info.Unacked == 0,
 		lasted:   time.Duration(info.Last_data_sent) * time.Millisecond,
-		extended: uto > c.m.drop.opts.userTimeout,
+		extended: uto > c.m.drop.set.userTimeout,
 	}
 }
 

@@ -1,6 +1,13 @@
 package httpx
 
-import "time"
+import (
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hangup-io/hangup/httpx/internal/detect"
+	"golang.org/x/sys/unix"
+)
 
 // Source names a detection source: where httpx learns that a client went
 // away.
@@ -10,7 +17,7 @@ type Source string
 // starts.
 const (
 	// SourceAuto tries SourceAgent if the agent's socket exists, then
-	// SourceBPF, then SourceEpoll.
+	// SourceBPF if linked in, then SourceEpoll.
 	SourceAuto Source = ""
 	// SourceAgent receives the events of the server's connections from
 	// the host agent (hangupd) over its unix socket (Options.AgentSocket).
@@ -22,14 +29,14 @@ const (
 	// returns; Monitor.Source reports the source in effect.
 	SourceAgent Source = "agent"
 	// SourceBPF loads the kernel probe (package bpf) into this process. It
-	// needs CAP_BPF and CAP_PERFMON (or root) and sees every abort, including
-	// the ones that happen between accept and the first request.
+	// needs CAP_BPF and CAP_PERFMON (or root), and the program must import
+	// package httpx/bpfsource, which links cilium/ebpf in; without it,
+	// SourceBPF fails with ErrBPFNotLinked (and falls back).
 	SourceBPF Source = "bpf"
 	// SourceEpoll registers every connection in a private epoll set for
 	// EPOLLRDHUP|EPOLLERR|EPOLLHUP. It needs no privileges and sees FIN,
-	// RST and kernel timeouts, but not retransmissions. It holds a
-	// duplicate of each connection's descriptor (one more open file per
-	// connection) until net/http reports the connection closed.
+	// RST and kernel timeouts, but not retransmissions. It costs one
+	// epoll_ctl per connection and no extra descriptor.
 	SourceEpoll Source = "epoll"
 	// SourceNone detects nothing from the kernel: only write errors and
 	// net/http's own cancellation mark requests aborted.
@@ -39,32 +46,34 @@ const (
 // sources lists the sources the core knows, best first, for the metric.
 var sources = []Source{SourceAgent, SourceBPF, SourceEpoll, SourceNone}
 
-// event is what a source reports about one connection, keyed by socket
-// cookie (getsockopt SO_COOKIE), the key every source can produce: the
-// in-process probe and the host agent see only cookies, the epoll source
-// knows the connection it registered.
+// event is what a source reports about one connection.
 type event struct {
 	reason Reason    // ReasonPeerFIN for a half-close; otherwise the connection is dead
-	at     time.Time // when the kernel saw it (zero: now)
+	at     time.Time // when the kernel saw it (zero: unknown)
 }
 
-// sink receives a source's events. The Monitor implements it: it looks the
-// cookie up among the tracked connections and remembers events of cookies it
-// does not know yet for a while, so an event that lands between accept and
-// registration is not lost.
-type sink interface {
-	deliver(cookie uint64, ev event)
+// kindReason maps a detect.Kind to the abort reason.
+func kindReason(k detect.Kind) Reason {
+	switch k {
+	case detect.PeerFIN:
+		return ReasonPeerFIN
+	case detect.PeerReset:
+		return ReasonPeerReset
+	case detect.Timeout:
+		return ReasonTimeout
+	case detect.KeepaliveTimeout:
+		return ReasonKeepaliveTimeout
+	}
+	return ReasonError
 }
 
 // source is a detection source. A new one needs only to implement it and
 // be added to Monitor.start.
 //
 // watch and unwatch are called for every tracked connection, from the
-// goroutines of net/http's hooks; a source that observes the whole host
-// (bpf) can ignore them, the agent source uses them to hand connections to
-// epoll while the agent is away. name may change while the source runs
-// (the agent source). close stops the source; no event is delivered after
-// it returns.
+// goroutines of net/http's hooks; watch sets conn.cookie if the source
+// reports by cookie. name may change while the source runs (the agent
+// source). close stops the source; no event is delivered after it returns.
 type source interface {
 	name() Source
 	watch(c *conn) error
@@ -79,3 +88,65 @@ func (noSource) name() Source      { return SourceNone }
 func (noSource) watch(*conn) error { return nil }
 func (noSource) unwatch(*conn)     {}
 func (noSource) close() error      { return nil }
+
+// cookieSource adapts a detect.Source that reports by socket cookie (the
+// in-process probe): each connection's cookie is read once, and the source
+// is asked once for each local port and network namespace.
+type cookieSource struct {
+	n   Source
+	src detect.Source
+
+	mu    sync.Mutex
+	ports map[nsPort]bool
+}
+
+type nsPort struct {
+	netns uint64
+	port  uint16
+}
+
+func newCookieSource(n Source, src detect.Source) *cookieSource {
+	return &cookieSource{n: n, src: src, ports: make(map[nsPort]bool)}
+}
+
+func (s *cookieSource) name() Source { return s.n }
+
+func (s *cookieSource) watch(c *conn) error {
+	var (
+		key nsPort
+		err error
+	)
+	if cerr := c.raw.Control(func(fd uintptr) {
+		if c.cookie, err = socketCookie(int(fd)); err == nil {
+			key.netns, err = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
+		}
+	}); cerr != nil {
+		return cerr
+	}
+	if err != nil {
+		c.cookie = 0
+		return err
+	}
+	if a, ok := c.nc.LocalAddr().(*net.TCPAddr); ok {
+		key.port = uint16(a.Port)
+	}
+	s.mu.Lock()
+	known := s.ports[key]
+	s.ports[key] = true
+	s.mu.Unlock()
+	if known {
+		return nil
+	}
+	if err := s.src.WatchPort(key.netns, key.port); err != nil {
+		return err
+	}
+	// The first connection on the port may have been gone before the
+	// source watched it.
+	if r := c.askSocket(); r != ReasonNone {
+		c.report(r, time.Now())
+	}
+	return nil
+}
+
+func (s *cookieSource) unwatch(*conn) {}
+func (s *cookieSource) close() error  { return s.src.Close() }

@@ -14,7 +14,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hangup-io/hangup/bpf"
+	"github.com/hangup-io/hangup/httpx/internal/detect"
 	"github.com/hangup-io/hangup/internal/wire"
 	"golang.org/x/sys/unix"
 )
@@ -36,7 +36,7 @@ import (
 // jitter when the session ends.
 type agentSource struct {
 	path string
-	sink sink
+	m    *Monitor
 	log  *slog.Logger
 	fb   *epollSource
 
@@ -50,7 +50,7 @@ type agentSource struct {
 	client    *wire.Client            // the current session; nil while the agent is away
 	regs      []agentReg              // listeners registered in the current session
 	listeners map[*agentListener]bool // live listeners: handled (registered or refused) in the current session
-	conns     map[*conn]*agentConn    // every tracked connection
+	conns     map[*conn]struct{}      // every tracked connection (its state in conn.agent)
 	warned    bool                    // logged that connections arrive on no Listener
 }
 
@@ -84,18 +84,18 @@ func agentSocketExists(path string) bool {
 // startAgent starts the epoll fallback and connects to the agent at path.
 // If the agent cannot be reached, it fails, unless persistent is set: the
 // source then starts with every connection on epoll and keeps trying.
-func startAgent(path string, persistent bool, sk sink, log *slog.Logger) (*agentSource, error) {
-	fb, err := startEpoll(sk, log)
+func startAgent(path string, persistent bool, m *Monitor, log *slog.Logger) (*agentSource, error) {
+	fb, err := startEpoll(nil, log)
 	if err != nil {
 		return nil, fmt.Errorf("starting the epoll fallback: %w", err)
 	}
 	s := &agentSource{
-		path: path, sink: sk, log: log, fb: fb,
+		path: path, m: m, log: log, fb: fb,
 		done:      make(chan struct{}),
 		kick:      make(chan struct{}, 1),
 		dropped:   make(chan struct{}, 1),
 		listeners: make(map[*agentListener]bool),
-		conns:     make(map[*conn]*agentConn),
+		conns:     make(map[*conn]struct{}),
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	c, err := s.dial()
@@ -124,7 +124,7 @@ func (s *agentSource) dial() (*wire.Client, error) {
 
 // onEvent runs on the client's reader goroutine.
 func (s *agentSource) onEvent(e wire.Event) {
-	r, ok := probeReason(bpf.Kind(e.Kind), bpf.Cause(e.Cause), syscall.Errno(e.Errno))
+	k, ok := detect.FromProbe(e.Kind, e.Cause, syscall.Errno(e.Errno))
 	if !ok {
 		return
 	}
@@ -132,7 +132,7 @@ func (s *agentSource) onEvent(e wire.Event) {
 	if e.TimeNs != 0 {
 		at = time.Unix(0, e.TimeNs)
 	}
-	s.sink.deliver(e.Cookie, event{reason: r, at: at})
+	s.m.Deliver(e.Cookie, k, at)
 }
 
 // onDropped runs on the client's reader goroutine: the agent's queue for
@@ -291,8 +291,8 @@ func (s *agentSource) register(c *wire.Client, l *agentListener) (agentReg, erro
 func (s *agentSource) handoff() {
 	s.mu.Lock()
 	var moved []*conn
-	for c, ac := range s.conns {
-		if ac.epoll && s.coveredLocked(ac) {
+	for c := range s.conns {
+		if ac := &c.agent; ac.epoll && s.coveredLocked(ac) {
 			ac.epoll = false
 			moved = append(moved, c)
 		}
@@ -313,7 +313,8 @@ func (s *agentSource) away(cause error) {
 	for l := range s.listeners {
 		s.listeners[l] = false
 	}
-	for c, ac := range s.conns {
+	for c := range s.conns {
+		ac := &c.agent
 		if ac.epoll {
 			continue
 		}
@@ -332,25 +333,15 @@ func (s *agentSource) away(cause error) {
 func (s *agentSource) sweep() {
 	s.mu.Lock()
 	conns := make([]*conn, 0, len(s.conns))
-	for c, ac := range s.conns {
-		if !ac.epoll {
+	for c := range s.conns {
+		if !c.agent.epoll {
 			conns = append(conns, c)
 		}
 	}
 	s.mu.Unlock()
 	for _, c := range conns {
-		var (
-			reason Reason
-			gone   bool
-		)
-		_ = c.raw.Control(func(fd uintptr) {
-			fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-			if n, err := unix.Poll(fds, 0); err == nil && n == 1 {
-				reason, gone = classify(int(fd), uint32(fds[0].Revents)), true
-			}
-		})
-		if gone {
-			s.sink.deliver(c.cookie, event{reason: reason, at: time.Now()})
+		if r := c.askSocket(); r != ReasonNone {
+			c.report(r, time.Now())
 		}
 	}
 }
@@ -393,27 +384,25 @@ func (s *agentSource) name() Source {
 }
 
 func (s *agentSource) watch(c *conn) error {
-	ac := &agentConn{}
+	ac := &c.agent
 	_ = c.raw.Control(func(fd uintptr) {
+		cookie, err := socketCookie(int(fd))
+		if err != nil {
+			return // not TCP: epoll only
+		}
 		ns, err := unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_NETNS_COOKIE)
 		if err != nil {
 			return
 		}
-		sa, err := unix.Getsockname(int(fd))
-		if err != nil {
-			return
-		}
-		ac.netns = ns
-		switch sa := sa.(type) {
-		case *unix.SockaddrInet4:
-			ac.local = netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-		case *unix.SockaddrInet6:
-			ac.local = netip.AddrPortFrom(netip.AddrFrom16(sa.Addr).Unmap(), uint16(sa.Port))
-		}
+		c.cookie, ac.netns = cookie, ns
 	})
+	if a, ok := c.nc.LocalAddr().(*net.TCPAddr); ok && c.cookie != 0 {
+		ac.local = a.AddrPort()
+		ac.local = netip.AddrPortFrom(ac.local.Addr().Unmap(), ac.local.Port())
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.conns[c] = ac
+	s.conns[c] = struct{}{}
 	if s.coveredLocked(ac) {
 		return nil
 	}
@@ -430,10 +419,11 @@ func (s *agentSource) watch(c *conn) error {
 
 func (s *agentSource) unwatch(c *conn) {
 	s.mu.Lock()
-	ac := s.conns[c]
+	_, ok := s.conns[c]
 	delete(s.conns, c)
+	epoll := c.agent.epoll
 	s.mu.Unlock()
-	if ac != nil && ac.epoll {
+	if ok && epoll {
 		s.fb.unwatch(c)
 	}
 }

@@ -3,7 +3,6 @@ package httpx
 import (
 	"context"
 	"errors"
-	"fmt"
 	"log/slog"
 	"net"
 	"net/http"
@@ -17,7 +16,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/testnet"
 	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -111,12 +109,7 @@ func (p *agentProc) kill() {
 
 // noProbeInProcess makes the test fail if the Monitor loads the probe.
 func noProbeInProcess(t *testing.T) {
-	orig := loadProbe
-	loadProbe = func(bpf.Options) (*bpf.Probe, error) {
-		t.Error("httpx loaded the kernel probe in-process")
-		return nil, bpf.ErrPermission
-	}
-	t.Cleanup(func() { loadProbe = orig })
+	failBPF(t, func() { t.Error("httpx loaded the kernel probe in-process") })
 }
 
 func agentOf(t *testing.T, m *Monitor) *agentSource {
@@ -140,8 +133,8 @@ func (s *agentSource) registered() int {
 func (s *agentSource) onEpoll(c *conn) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ac := s.conns[c]
-	return ac == nil || ac.epoll
+	_, ok := s.conns[c]
+	return !ok || c.agent.epoll
 }
 
 // sourceGauge returns the source hangup_http_detection_source says is in
@@ -373,10 +366,7 @@ func staleSocket(t *testing.T) string {
 // does not answer; an explicit SourceAgent starts on epoll and keeps
 // trying. No privileges needed.
 func TestAgentUnreachableAtStart(t *testing.T) {
-	defer func(orig func(bpf.Options) (*bpf.Probe, error)) { loadProbe = orig }(loadProbe)
-	loadProbe = func(bpf.Options) (*bpf.Probe, error) {
-		return nil, fmt.Errorf("loading: %w", bpf.ErrPermission)
-	}
+	failBPF(t, nil)
 	newLogged := func(opts Options) (*Monitor, string) {
 		var buf testutil.Buffer
 		opts.Logger = slog.New(slog.NewTextHandler(&buf, nil))

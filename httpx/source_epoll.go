@@ -5,31 +5,26 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// epollSource watches each connection in a private epoll set, through a
-// duplicate of its file descriptor. The duplicate keeps the socket
-// inspectable after net/http closes its own descriptor (which net/http
-// does at once on a reset, often before the event could be read), so the
-// reason is never lost; it is closed right after, when net/http reports the
-// connection closed or hijacked (ConnState), so it delays the socket's
-// close by no more than that. Events carry a registration id, not a
-// descriptor number.
+// epollSource watches each connection in a private epoll set. It registers
+// net/http's own descriptor (inside RawConn.Control, so it cannot be closed
+// meanwhile) under a registration id that is never reused, and never
+// removes it: the kernel drops the registration when the socket's file is
+// closed, and an event whose id is no longer known is ignored. So a
+// connection costs one epoll_ctl and no extra descriptor.
 type epollSource struct {
 	epfd, wakefd int
-	sink         sink
+	report       func(c *conn, r Reason, at time.Time)
 	log          *slog.Logger
 	done         chan struct{}
 
-	// mu guards conns and every use of the duplicates, so that a
-	// duplicate is never used after it was closed.
 	mu     sync.Mutex
-	conns  map[int32]*conn
-	nextID int32
+	conns  map[uint64]*conn
+	nextID uint64
 	closed bool // close began: epfd may be closed (and its number reused)
 }
 
@@ -38,7 +33,9 @@ const wakeID = 0
 
 const epollEvents = unix.EPOLLRDHUP | unix.EPOLLERR | unix.EPOLLHUP | unix.EPOLLET
 
-func startEpoll(s sink, log *slog.Logger) (_ *epollSource, err error) {
+// startEpoll starts the loop; report receives what it sees (nil:
+// conn.report).
+func startEpoll(report func(c *conn, r Reason, at time.Time), log *slog.Logger) (_ *epollSource, err error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -48,79 +45,83 @@ func startEpoll(s sink, log *slog.Logger) (_ *epollSource, err error) {
 		unix.Close(epfd)
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN, Fd: wakeID}
+	ev := unix.EpollEvent{Events: unix.EPOLLIN}
+	setEpollID(&ev, wakeID)
 	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
 		unix.Close(epfd)
 		unix.Close(wakefd)
 		return nil, fmt.Errorf("epoll_ctl: %w", err)
 	}
+	if report == nil {
+		report = func(c *conn, r Reason, at time.Time) { c.report(r, at) }
+	}
 	src := &epollSource{
-		epfd: epfd, wakefd: wakefd, sink: s, log: log,
+		epfd: epfd, wakefd: wakefd, report: report, log: log,
 		done:  make(chan struct{}),
-		conns: make(map[int32]*conn),
+		conns: make(map[uint64]*conn),
 	}
 	go src.loop()
 	return src, nil
 }
 
+// The 64-bit registration id lives in the event's Fd and Pad fields (the
+// kernel's epoll_data union).
+func setEpollID(ev *unix.EpollEvent, id uint64) {
+	ev.Fd, ev.Pad = int32(uint32(id)), int32(uint32(id>>32))
+}
+
+func epollID(ev *unix.EpollEvent) uint64 {
+	return uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+}
+
 func (s *epollSource) name() Source { return SourceEpoll }
 
 func (s *epollSource) watch(c *conn) error {
-	dup := -1
-	var derr error
-	if err := c.raw.Control(func(fd uintptr) {
-		dup, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return err
-	}
-	if derr != nil {
-		return fmt.Errorf("dup: %w", derr)
-	}
 	s.mu.Lock()
-	defer s.mu.Unlock()
 	if s.closed {
-		unix.Close(dup)
+		s.mu.Unlock()
 		return errors.New("epoll source closed")
 	}
 	s.nextID++
-	if s.nextID <= wakeID {
-		s.nextID = wakeID + 1
-	}
 	id := s.nextID
-	ev := unix.EpollEvent{Events: epollEvents, Fd: id}
-	if err := unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, dup, &ev); err != nil {
-		unix.Close(dup)
+	s.conns[id] = c
+	c.epollID = id
+	s.mu.Unlock()
+	var cerr error
+	err := c.raw.Control(func(fd uintptr) {
+		ev := unix.EpollEvent{Events: epollEvents}
+		setEpollID(&ev, id)
+		cerr = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+	})
+	if err == nil {
+		err = cerr
+	}
+	if err != nil {
+		s.mu.Lock()
+		delete(s.conns, id)
+		c.epollID = 0
+		s.mu.Unlock()
 		return fmt.Errorf("epoll_ctl: %w", err)
 	}
-	c.epollID, c.dupFD = id, dup
-	s.conns[id] = c
 	return nil
 }
 
-// unwatch is called once net/http closed (or handed over) the connection.
-// What the socket says at that moment is reported first: it is the last
-// chance to learn why it ended.
+// unwatch forgets the connection; its registration goes when its file is
+// closed, or now if the descriptor is still open (the agent source takes
+// it over).
 func (s *epollSource) unwatch(c *conn) {
 	s.mu.Lock()
-	if s.conns[c.epollID] != c {
+	id := c.epollID
+	if s.conns[id] != c {
 		s.mu.Unlock()
 		return
 	}
-	delete(s.conns, c.epollID)
-	fds := []unix.PollFd{{Fd: int32(c.dupFD), Events: unix.POLLRDHUP}}
-	var (
-		reason Reason
-		ok     bool
-	)
-	if n, err := unix.Poll(fds, 0); err == nil && n == 1 {
-		reason, ok = classify(c.dupFD, uint32(fds[0].Revents)), true
-	}
-	_ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, c.dupFD, nil)
-	unix.Close(c.dupFD)
-	c.dupFD = -1
+	delete(s.conns, id)
+	c.epollID = 0
+	closed := s.closed
 	s.mu.Unlock()
-	if ok {
-		s.sink.deliver(c.cookie, event{reason: reason, at: time.Now()})
+	if !closed {
+		_ = c.raw.Control(func(fd uintptr) { _ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
 	}
 }
 
@@ -137,106 +138,32 @@ func (s *epollSource) loop() {
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		for _, ev := range events[:n] {
-			if ev.Fd == wakeID {
+		now := time.Now()
+		for i := range events[:n] {
+			id := epollID(&events[i])
+			if id == wakeID {
 				return
 			}
 			s.mu.Lock()
-			c := s.conns[ev.Fd]
-			var reason Reason
-			if c != nil {
-				reason = classify(c.dupFD, ev.Events)
-			}
+			c := s.conns[id]
 			s.mu.Unlock()
-			if c != nil {
-				s.sink.deliver(c.cookie, event{reason: reason, at: time.Now()})
+			if c == nil {
+				continue
+			}
+			r := ReasonNone
+			c.control(func(fd int) { r = classify(fd, events[i].Events) })
+			if r == ReasonNone && events[i].Events&hungUp != 0 {
+				r = ReasonPeerReset // closed meanwhile: no more to learn
+			}
+			if r != ReasonNone {
+				s.report(c, r, now)
 			}
 		}
 	}
 }
 
-// classify tells why a socket is readable-hung-up: a half-close (only
-// EPOLLRDHUP) or its death (EPOLLERR or EPOLLHUP). The pending socket error
-// says which death exactly, but a reader (net/http's) may have consumed it
-// first; then the kernel's retransmission and probe counters decide, and
-// without those the TCP state: a hang-up without error after both sides
-// sent FIN (ours acknowledged: the socket is CLOSE with every byte, FIN
-// included, acknowledged; or still in FIN_WAIT2, CLOSING, LAST_ACK or
-// TIME_WAIT) is an orderly close, reported as the client's FIN, not a
-// reset. Unanswered zero-window probes are a (retransmission) timeout, as
-// with the kernel probe, not a keepalive timeout. EPOLL* and POLL* flags
-// have the same values.
-func classify(fd int, events uint32) Reason {
-	if events&(unix.EPOLLERR|unix.EPOLLHUP) == 0 {
-		return ReasonPeerFIN
-	}
-	soErr, _ := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
-	info, err := unix.GetsockoptTCPInfo(fd, unix.IPPROTO_TCP, unix.TCP_INFO)
-	if err != nil {
-		return deadReason(syscall.Errno(soErr), 0, 0)
-	}
-	if soErr == 0 && info.Retransmits == 0 && info.Probes == 0 && orderlyClose(info) {
-		return ReasonPeerFIN
-	}
-	if info.Retransmits == 0 && info.Probes > 0 && (soErr == 0 || soErr == int(syscall.ETIMEDOUT)) {
-		// Probes with data still queued are zero-window probes, not
-		// keepalive probes (which the kernel sends only when nothing is):
-		// a timeout of the data, as the kernel probe reports it.
-		if outq, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ); err == nil && outq > 0 {
-			return ReasonTimeout
-		}
-	}
-	return deadReason(syscall.Errno(soErr), info.Retransmits, info.Probes)
-}
-
-// TCP states (include/net/tcp_states.h).
-const (
-	tcpFinWait2 = 5
-	tcpTimeWait = 6
-	tcpClose    = 7
-	tcpLastAck  = 9
-	tcpClosing  = 11
-)
-
-// orderlyClose reports whether a socket that hung up without an error
-// ended with a FIN exchange rather than a reset: it is in a closing state
-// that only FINs lead to, or it is closed and the client acknowledged our
-// FIN (bytes_acked counts it, bytes_sent does not), so everything we sent
-// arrived.
-func orderlyClose(info *unix.TCPInfo) bool {
-	switch info.State {
-	case tcpFinWait2, tcpTimeWait, tcpLastAck, tcpClosing:
-		return true
-	case tcpClose:
-		return info.Bytes_acked > info.Bytes_sent-info.Bytes_retrans
-	}
-	return false
-}
-
-// deadReason is the pure part of classify.
-func deadReason(soErr syscall.Errno, retransmits, probes uint8) Reason {
-	switch soErr {
-	case syscall.ECONNRESET, syscall.EPIPE:
-		return ReasonPeerReset
-	case syscall.ETIMEDOUT:
-		if probes > 0 && retransmits == 0 {
-			return ReasonKeepaliveTimeout
-		}
-		return ReasonTimeout
-	case 0:
-		switch {
-		case retransmits > 0:
-			return ReasonTimeout
-		case probes > 0:
-			return ReasonKeepaliveTimeout
-		}
-		return ReasonPeerReset
-	}
-	return ReasonError
-}
-
-// close stops the loop and closes every duplicate. A watch that comes
-// after it began registers nothing (and closes its duplicate).
+// close stops the loop. A watch that comes after it began registers
+// nothing.
 func (s *epollSource) close() error {
 	s.mu.Lock()
 	s.closed = true
@@ -247,11 +174,7 @@ func (s *epollSource) close() error {
 	}
 	<-s.done
 	s.mu.Lock()
-	for id, c := range s.conns {
-		unix.Close(c.dupFD)
-		c.dupFD = -1
-		delete(s.conns, id)
-	}
+	clear(s.conns)
 	s.mu.Unlock()
 	return errors.Join(unix.Close(s.epfd), unix.Close(s.wakefd))
 }

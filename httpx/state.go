@@ -3,65 +3,109 @@ package httpx
 import (
 	"context"
 	"errors"
+	"net"
 	"net/http"
 	"runtime/debug"
 	"sync"
+	"sync/atomic"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // State is one request's connection state: PHP's connection handling
 // functions, per request. Get it with FromContext. Its methods are safe for
 // concurrent use, from the handler, its goroutines and its shutdown
-// functions.
+// functions, and on a nil State (a context that did not come through
+// Handler), where they report a request that is NORMAL and already ended.
+//
+// The State is also the request's context (Handler passes it as
+// r.Context()): it carries the values and deadline of the context net/http
+// made, and is cancelled when the client goes away (unless aborts are
+// ignored), when the time limit expires, when net/http cancels its own
+// context for a client that left, and when the request ends.
 type State struct {
-	m     *Monitor
-	c     *conn // nil when the connection is not tracked
-	w     *responseWriter
-	proto int // the request's ProtoMajor
-	ctx   context.Context
+	parent context.Context // the request context net/http made
+	m      *Monitor
+	c      *conn // nil when the connection is not tracked
+	proto  int   // the request's ProtoMajor
+	w      responseWriter
 
-	cancel       context.CancelCauseFunc
-	stopDeadline context.CancelFunc // releases the outer deadline's timer, if any
+	reqMinor uint8 // the request's ProtoMinor
+	reqClose bool  // net/http closes the connection after the response (Connection: close, HTTP/1.0)
+	reqHead  bool
+	left     bool // no longer in flight on the connection (under mu)
 
-	done      chan struct{} // the handler returned
-	finishCh  chan struct{} // Finish was called
-	servedCh  chan struct{} // ServeHTTP returned: net/http owns the response
-	finishOne sync.Once
-	endOnce   sync.Once
+	stop     atomic.Bool // the next output ends the handler (aborted and not ignored, or timed out)
+	timedOut atomic.Bool // the time limit expired
 
-	mu          sync.Mutex
-	status      Status
-	reason      Reason
-	ignore      bool
-	detached    bool // no longer marked by the connection (released or ended)
-	ended       bool
-	released    bool
-	panicVal    any
+	mu       sync.Mutex
+	status   Status
+	reason   Reason
+	how      learned   // how reason was learned
+	counted  bool      // the abort is in the aborts metric
+	markedAt time.Time // when the request was first marked aborted
+	observed bool      // its detection latency is in the histogram
+	ignore   bool
+	ended    bool // shutdown functions ran or run: the request is over
+
+	// The context's cancellation. Until someone asks for Done (or derives
+	// a context), it is only err and cause; then cc carries it.
+	err, cause error
+	cc         context.Context
+	ccCancel   context.CancelCauseFunc
+	ccStop     func() bool // stops following parent
+	ccDeadline context.CancelFunc
+
+	x *extras // what only some requests use
+}
+
+// extras holds the state of the features a request may use: allocated on
+// first use.
+type extras struct {
 	limit       *time.Timer
 	limitGen    uint64
 	grace       *time.Timer
 	shutdownFns []func()
 	shutdownRan bool
 	undelivered bool
-	releaseSeq  uint64 // conn.idleSeq when the response was released
+	finished    bool     // Finish was called
+	hijacked    net.Conn // an inline Finish took the connection over
+	run         *detached
 }
+
+// learned says how an abort's reason was learned; a better account
+// replaces a worse one.
+type learned uint8
+
+const (
+	weak       learned = iota // a write error or net/http's cancellation alone
+	fromSocket                // the socket, asked when net/http cancelled or a write failed
+	fromSource                // the detection source: the kernel's account
+)
 
 type stateKey struct{}
 
 // FromContext returns the State of the request whose context (or a context
 // derived from it) is ctx, or nil when the request did not go through a
-// Monitor's Handler.
+// Monitor's Handler. Every State method is safe on nil.
 func FromContext(ctx context.Context) *State {
 	s, _ := ctx.Value(stateKey{}).(*State)
 	return s
+}
+
+func (s *State) xLocked() *extras {
+	if s.x == nil {
+		s.x = &extras{}
+	}
+	return s.x
 }
 
 // Status returns the connection status, PHP's connection_status(). It can
 // be read at any time, also from shutdown functions and after the handler
 // returned.
 func (s *State) Status() Status {
+	if s == nil {
+		return StatusNormal
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.status
@@ -73,12 +117,33 @@ func (s *State) Aborted() bool { return s.Status()&StatusAborted != 0 }
 // TimedOut reports whether the time limit expired.
 func (s *State) TimedOut() bool { return s.Status()&StatusTimeout != 0 }
 
-// AbortReason returns why the request was aborted, or ReasonNone.
+// AbortReason returns why the request was aborted, or ReasonNone. A reason
+// learned from a failed write or from net/http alone (ReasonWriteError,
+// ReasonCanceled) is replaced by the kernel's account of what happened to
+// the connection when the detection source reports it.
+//
+// Right after net/http alone cancelled the request (the socket already
+// closed, as HTTP/2 does on a reset), the kernel's account is usually
+// microseconds away: AbortReason then waits for it, up to sourceWait after
+// the abort. The request's context was cancelled at once all the same.
 func (s *State) AbortReason() Reason {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.reason
+	if s == nil {
+		return ReasonNone
+	}
+	for {
+		s.mu.Lock()
+		r, how, at := s.reason, s.how, s.markedAt
+		s.mu.Unlock()
+		if r == ReasonNone || how != weak || s.c == nil || s.m.src.name() == SourceNone || time.Since(at) >= sourceWait {
+			return r
+		}
+		time.Sleep(time.Millisecond)
+	}
 }
+
+// sourceWait bounds how long AbortReason waits for the source's account
+// of an abort that net/http noticed first.
+const sourceWait = 50 * time.Millisecond
 
 // IgnoreUserAbort sets whether a client abort ends the request and returns
 // the previous setting, as PHP's ignore_user_abort(bool). While aborts are
@@ -87,16 +152,112 @@ func (s *State) AbortReason() Reason {
 // it off after an abort was recorded cancels the context at once. A timeout
 // ends the request either way.
 func (s *State) IgnoreUserAbort(ignore bool) bool {
+	if s == nil {
+		return false
+	}
 	s.mu.Lock()
 	prev := s.ignore
 	s.ignore = ignore
 	cancelNow := !ignore && s.status&StatusAborted != 0
 	reason := s.reason
+	s.updateStopLocked()
 	s.mu.Unlock()
 	if cancelNow {
-		s.cancel(&AbortError{Reason: reason})
+		s.cancel(context.Canceled, &AbortError{Reason: reason})
 	}
 	return prev
+}
+
+func (s *State) updateStopLocked() {
+	s.stop.Store(s.status&StatusTimeout != 0 || (s.status&StatusAborted != 0 && !s.ignore))
+}
+
+// abort marks the request aborted. at is when the kernel saw the event, for
+// the detection latency histogram (zero: unknown). A reason learned a
+// better way replaces the first one (see learned).
+//
+// The detection goroutines (epoll loop, probe and agent readers, net/http's
+// background reader) call it: it must never wait for a lock the handler
+// may hold while blocked, such as the writer's.
+func (s *State) abort(r Reason, at time.Time, how learned) {
+	s.mu.Lock()
+	if s.ended || s.left {
+		s.mu.Unlock()
+		return
+	}
+	now := time.Now()
+	var latency time.Duration = -1
+	if !at.IsZero() && !s.observed && how == fromSource {
+		s.observed = true
+		if s.status&StatusAborted != 0 {
+			latency = s.markedAt.Sub(at) // noticed first by net/http or the socket
+		} else {
+			latency = now.Sub(at)
+		}
+	}
+	if s.status&StatusAborted != 0 {
+		var count Reason
+		if how > s.how && s.how == weak {
+			s.reason, s.how = r, how
+			if !s.counted {
+				s.counted, count = true, r
+			}
+		}
+		s.mu.Unlock()
+		if count != ReasonNone {
+			s.m.metrics.aborts[count].Add(1)
+		}
+		if latency >= 0 {
+			s.m.metrics.latency.Observe(latency.Seconds())
+		}
+		return
+	}
+	s.status |= StatusAborted
+	s.reason, s.how, s.markedAt = r, how, now
+	s.counted = how != weak // a weak reason is counted when the request ends, unless replaced
+	counted := s.counted
+	cancel := !s.ignore
+	s.updateStopLocked()
+	s.mu.Unlock()
+	if counted {
+		s.m.metrics.aborts[r].Add(1)
+	}
+	if latency >= 0 {
+		s.m.metrics.latency.Observe(latency.Seconds())
+	}
+	if cancel {
+		s.cancel(context.Canceled, &AbortError{Reason: r})
+	}
+	if r != ReasonPeerFIN && r != ReasonCanceled && s.w.bodyWritten() {
+		s.countUndelivered()
+	}
+}
+
+// writeFailed marks the request aborted after a failed write: with what
+// the source already said or the socket says now, else ReasonWriteError.
+func (s *State) writeFailed() {
+	if s.c == nil {
+		s.abort(ReasonWriteError, time.Time{}, weak)
+		return
+	}
+	if r := s.c.gone(); r != ReasonNone {
+		s.abort(r, time.Time{}, fromSource)
+	} else if r := s.c.askSocket(); r != ReasonNone {
+		s.abort(r, time.Time{}, fromSocket)
+	} else {
+		s.abort(ReasonWriteError, time.Time{}, weak)
+	}
+}
+
+func (s *State) countUndelivered() {
+	s.mu.Lock()
+	x := s.xLocked()
+	first := !x.undelivered
+	x.undelivered = true
+	s.mu.Unlock()
+	if first {
+		s.m.metrics.undelivered.Add(1)
+	}
 }
 
 // SetTimeLimit restarts the request's time limit: the request times out d
@@ -108,45 +269,65 @@ func (s *State) IgnoreUserAbort(ignore bool) bool {
 // keeps its bit), the request context is cancelled even when aborts are
 // ignored, the next output ends the handler, a request that wrote nothing
 // is answered 503 Service Unavailable, and the client is released at the
-// latest Options.TimeoutGrace later, even if the handler never returns;
-// the shutdown functions then run without waiting for it.
+// latest Options.TimeoutGrace later, even if the handler never returns
+// (blocked writing or reading the request body included); the shutdown
+// functions then run without waiting for it. A limit costs a timer.
 func (s *State) SetTimeLimit(d time.Duration) {
+	if s == nil {
+		return
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.ended || s.status&StatusTimeout != 0 {
 		return
 	}
-	if s.limit != nil {
-		s.limit.Stop()
-		s.limit = nil
+	x := s.xLocked()
+	if x.limit != nil {
+		x.limit.Stop()
+		x.limit = nil
 	}
-	s.limitGen++
+	x.limitGen++
 	if d > 0 {
-		gen := s.limitGen
-		s.limit = time.AfterFunc(d, func() { s.expire(gen) })
+		gen := x.limitGen
+		x.limit = time.AfterFunc(d, func() { s.expire(gen) })
 	}
 }
 
 func (s *State) expire(gen uint64) {
 	s.mu.Lock()
-	if gen != s.limitGen || s.ended || s.status&StatusTimeout != 0 {
+	if gen != s.x.limitGen || s.ended || s.status&StatusTimeout != 0 {
 		s.mu.Unlock()
 		return
 	}
 	s.status |= StatusTimeout
-	// Shutdown waits for the grace's work.
-	s.m.work.add()
-	s.grace = time.AfterFunc(s.m.grace, s.graceExpired)
+	s.timedOut.Store(true)
+	s.updateStopLocked()
+	s.m.work.add() // Shutdown waits for the grace's work
+	s.x.grace = time.AfterFunc(s.m.grace, s.graceExpired)
 	s.mu.Unlock()
-	s.cancel(ErrTimeLimit)
+	s.cancel(context.Canceled, ErrTimeLimit)
 }
 
-// graceExpired gives up on a timed-out handler: the client is released (by
-// ServeHTTP, which is waiting for it) and the shutdown functions run.
+// graceExpired gives up on a timed-out handler: the client gets its
+// response (503, or the end of what was sent) and the shutdown functions
+// run, while the handler may go on.
 func (s *State) graceExpired() {
 	defer s.m.work.done()
-	s.finishOne.Do(func() { close(s.finishCh) })
+	if run := s.detachedRun(); run != nil {
+		run.release() // ServeHTTP returns and hands the response back
+	} else {
+		s.releaseStuck()
+	}
 	s.end()
+}
+
+func (s *State) detachedRun() *detached {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.x == nil {
+		return nil
+	}
+	return s.x.run
 }
 
 // RegisterShutdown registers fn to run when the request ends, as PHP's
@@ -154,11 +335,17 @@ func (s *State) graceExpired() {
 // once, after the handler returns normally, is aborted, panics, or (after a
 // timeout) when the grace expires. A function may register more; they run
 // in the same pass. A panic in one is logged and does not skip the others.
-// A function registered after the pass ran is called at once.
+// A function registered after the pass ran (or on a nil State) is called at
+// once.
 func (s *State) RegisterShutdown(fn func()) {
+	if s == nil {
+		fn()
+		return
+	}
 	s.mu.Lock()
-	if !s.shutdownRan {
-		s.shutdownFns = append(s.shutdownFns, fn)
+	x := s.xLocked()
+	if !x.shutdownRan {
+		x.shutdownFns = append(x.shutdownFns, fn)
 		s.mu.Unlock()
 		return
 	}
@@ -169,13 +356,16 @@ func (s *State) RegisterShutdown(fn func()) {
 func (s *State) runShutdown() {
 	for i := 0; ; i++ {
 		s.mu.Lock()
-		if i >= len(s.shutdownFns) {
-			s.shutdownRan = true
-			s.shutdownFns = nil
+		x := s.x
+		if x == nil || i >= len(x.shutdownFns) {
+			if x != nil {
+				x.shutdownRan = true
+				x.shutdownFns = nil
+			}
 			s.mu.Unlock()
 			return
 		}
-		fn := s.shutdownFns[i]
+		fn := x.shutdownFns[i]
 		s.mu.Unlock()
 		s.call(fn)
 	}
@@ -190,206 +380,209 @@ func (s *State) call(fn func()) {
 	fn()
 }
 
-// Finish completes the response now and lets the handler go on, as PHP's
-// fastcgi_finish_request: net/http receives the response back as if the
-// handler had returned, so every middleware around the Monitor's Handler
-// (a compressing one, say) completes its part, and net/http frames it with
-// Content-Length when it can, flushes it, and keeps or closes the
-// connection as it would have. Finish returns once net/http has the
-// response back. Later writes return ErrFinished; the request body and the
-// ResponseWriter's headers must not be used any more. The request is no
-// longer marked aborted by what happens to the connection, but it still
-// can time out.
-//
-// Server shutdown: http.Server.Shutdown does not wait for a finished
-// handler; Monitor.Shutdown does.
-func (s *State) Finish() {
-	s.finishOne.Do(func() { close(s.finishCh) })
-	<-s.servedCh
-}
-
 // Go runs fn in a new goroutine, a continuation that outlives the response.
 // Its context carries the request's values but is cancelled only when the
 // Monitor gives up waiting for background work (see Monitor.Shutdown) or is
-// closed. Monitor.Shutdown waits for it. A panic in fn is logged.
+// closed. Monitor.Shutdown waits for it. A panic in fn is logged. On a nil
+// State fn runs in a plain goroutine with a background context.
 func (s *State) Go(fn func(ctx context.Context)) {
-	s.m.goBackground(context.WithoutCancel(s.ctx), fn)
+	if s == nil {
+		go fn(context.Background())
+		return
+	}
+	s.m.goBackground(context.WithoutCancel(s), fn)
 }
 
-// abort marks the request aborted. Only the first reason is kept. at is
-// when the kernel saw the event, for the detection latency histogram; the
-// zero time means unknown, and so do ReasonCanceled and ReasonWriteError,
-// whose time says nothing about how fast a source detected anything.
-//
-// The detection goroutines (epoll loop, probe and agent readers) call it:
-// it must never wait for a lock the handler may hold while blocked, such
-// as the writer's.
-func (s *State) abort(reason Reason, at time.Time) {
+// end runs once, when the handler returned or gave up: the shutdown
+// functions, the outcome metric, and the end of the request context. A
+// request that used no feature takes one lock here.
+func (s *State) end() {
 	s.mu.Lock()
-	if s.status&StatusAborted != 0 || s.detached {
+	if s.ended {
 		s.mu.Unlock()
 		return
 	}
-	s.status |= StatusAborted
-	s.reason = reason
-	cancel := !s.ignore
-	s.mu.Unlock()
-	if at.IsZero() || reason == ReasonCanceled || reason == ReasonWriteError {
-		s.m.metrics.aborts[reason].Add(1)
-	} else {
-		s.m.metrics.aborted(reason, time.Since(at))
-	}
-	if cancel {
-		s.cancel(&AbortError{Reason: reason})
-	}
-	if reason != ReasonPeerFIN && reason != ReasonCanceled && s.w != nil && s.w.bodyWritten() {
-		s.countUndelivered()
-	}
-}
-
-// mustStop reports whether the next output ends the handler.
-func (s *State) mustStop() bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.status&StatusTimeout != 0 || (s.status&StatusAborted != 0 && !s.ignore)
-}
-
-func (s *State) countUndelivered() {
-	s.mu.Lock()
-	first := !s.undelivered
-	s.undelivered = true
-	s.mu.Unlock()
-	if first {
-		s.m.metrics.undelivered.Add(1)
-	}
-}
-
-// end runs once, when the handler returned or gave up: shutdown functions,
-// the outcome metric, and the end of the request context.
-func (s *State) end() {
-	s.endOnce.Do(func() {
-		s.mu.Lock()
-		if s.limit != nil {
-			s.limit.Stop()
+	if x := s.x; x != nil {
+		if x.limit != nil {
+			x.limit.Stop()
 		}
-		s.limitGen++
-		s.mu.Unlock()
-		s.runShutdown()
-		s.mu.Lock()
-		s.ended = true
-		status := s.status
-		if s.grace != nil && s.grace.Stop() {
+		x.limitGen++
+		if !x.shutdownRan {
+			s.mu.Unlock()
+			s.runShutdown()
+			s.mu.Lock()
+		}
+		if x.grace != nil && x.grace.Stop() {
 			s.m.work.done() // the grace's work will not run
 		}
-		s.mu.Unlock()
-		s.m.metrics.request(status)
-		s.detach()
-		s.cancel(context.Canceled)
-		if s.stopDeadline != nil {
-			s.stopDeadline()
-		}
-	})
-}
-
-// detach stops marking the request by what happens to its connection.
-func (s *State) detach() {
-	s.mu.Lock()
-	was := s.detached
-	s.detached = true
+	}
+	s.ended = true
+	status, reason := s.status, s.reason
+	count := !s.counted && status&StatusAborted != 0
+	s.counted = true
+	left := s.left
+	s.left = true
+	ccCancel := s.ccCancel
+	if s.err == nil {
+		s.err, s.cause = context.Canceled, context.Canceled
+	} else {
+		ccCancel = nil
+	}
+	stop, stopDeadline := s.ccStop, s.ccDeadline
 	s.mu.Unlock()
-	if !was && s.c != nil {
-		s.c.detach(s)
+	if count {
+		s.m.metrics.aborts[reason].Add(1)
+	}
+	s.m.metrics.request(status)
+	if !left && s.c != nil {
+		s.c.end(s, s.w.bodyWritten(), s.reqClose, status&StatusAborted != 0)
+	}
+	if ccCancel != nil {
+		ccCancel(context.Canceled)
+	}
+	if stop != nil {
+		stop()
+	}
+	if stopDeadline != nil {
+		stopDeadline()
 	}
 }
 
-// sourceWait is how long a request cancelled by net/http waits for the
-// detection source to say why; deadWait is how long it waits when the
-// socket shows the connection is dead, so the source surely has an event
-// on its way.
-const (
-	sourceWait = 50 * time.Millisecond
-	deadWait   = time.Second
-)
+// leave takes the request off its connection, once: what happens to the
+// connection no longer marks it.
+func (s *State) leave() {
+	s.mu.Lock()
+	was := s.left
+	s.left = true
+	aborted := s.status&StatusAborted != 0
+	s.mu.Unlock()
+	if !was && s.c != nil {
+		s.c.end(s, s.w.bodyWritten(), s.reqClose, aborted)
+	}
+}
 
-// parentCanceled handles the cancellation of the request context net/http
-// (and any middleware around Handler) gave: the connection closed or the
-// client half-closed it, (HTTP/2) the client reset the stream, or an outer
-// deadline expired.
-//
-// An outer deadline is no client abort: the handler's context ends at the
-// same deadline and the status stays as it is. A half-close under
-// Options.IgnoreHalfClose is none either, on HTTP/1.x, where the response
-// can still go out: the request stays NORMAL and its context live. Otherwise
-// a detection source usually says why at the same moment; it gets a short
-// while to do so, then the socket itself is asked.
-func (s *State) parentCanceled(parent context.Context) {
-	if errors.Is(parent.Err(), context.DeadlineExceeded) {
-		// The handler's context has the same deadline (see handlerContext)
-		// and ends by itself, with DeadlineExceeded as its error.
-		if s.stopDeadline == nil {
-			s.cancel(context.Cause(parent))
+// Context implementation.
+
+// Deadline implements context.Context: the deadline of net/http's context.
+func (s *State) Deadline() (time.Time, bool) { return s.parent.Deadline() }
+
+// Done implements context.Context.
+func (s *State) Done() <-chan struct{} { return s.ctx().Done() }
+
+// Err implements context.Context.
+func (s *State) Err() error {
+	s.mu.Lock()
+	cc, err := s.cc, s.err
+	s.mu.Unlock()
+	if cc != nil {
+		return cc.Err()
+	}
+	if err == nil && s.parent.Err() != nil {
+		// Nobody listens for Done yet, so nobody heard net/http's
+		// cancellation: decide on it now.
+		s.parentCanceled()
+		s.mu.Lock()
+		err = s.err
+		s.mu.Unlock()
+	}
+	return err
+}
+
+// Value implements context.Context: the State itself, else the values of
+// net/http's context. The context package asks for its own cancellation
+// (context.Cause, deriving contexts) with a key of type *int: that is
+// answered by the State's own cancellation, not net/http's.
+func (s *State) Value(key any) any {
+	switch key.(type) {
+	case stateKey:
+		return s
+	case *int:
+		if v := s.ctx().Value(key); v != nil {
+			return v
 		}
+	}
+	return s.parent.Value(key)
+}
+
+// ctx returns the context that carries the State's cancellation, made on
+// first use: a request whose handler never looks at its context's Done
+// pays nothing for it. From then on it also follows net/http's context, so
+// that net/http's own cancellation reaches the handler at once.
+func (s *State) ctx() context.Context {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.cc != nil {
+		return s.cc
+	}
+	base := context.Background()
+	if d, ok := s.parent.Deadline(); ok {
+		base, s.ccDeadline = context.WithDeadline(base, d)
+	}
+	s.cc, s.ccCancel = context.WithCancelCause(base)
+	if s.err != nil {
+		s.ccCancel(s.cause)
+	} else if !s.ended {
+		s.ccStop = context.AfterFunc(s.parent, s.parentCanceled)
+	}
+	return s.cc
+}
+
+// cancel ends the context with err (context.Canceled or
+// context.DeadlineExceeded) and cause.
+func (s *State) cancel(err, cause error) {
+	s.mu.Lock()
+	if s.err != nil {
+		s.mu.Unlock()
 		return
+	}
+	s.err, s.cause = err, cause
+	cc := s.ccCancel
+	s.mu.Unlock()
+	if cc != nil {
+		cc(cause)
+	}
+}
+
+// parentCanceled handles the cancellation of the context net/http (and any
+// middleware around Handler) gave: the client half-closed or closed the
+// connection (which net/http saw on its own), HTTP/2 reset the stream, the
+// server is closing, or an outer deadline expired. It never waits for the
+// detection source: what the source already said, or else the socket,
+// gives the reason at once.
+//
+// An outer deadline is no client abort: the context ends with
+// DeadlineExceeded and the status stays. A half-close under
+// Options.IgnoreHalfClose is none either, on HTTP/1.x, where the response
+// can still go out: the request stays NORMAL and its context live.
+func (s *State) parentCanceled() {
+	if errors.Is(s.parent.Err(), context.DeadlineExceeded) {
+		s.cancel(context.DeadlineExceeded, context.Cause(s.parent))
+		return
+	}
+	s.mu.Lock()
+	over := s.ended || s.left
+	s.mu.Unlock()
+	if over {
+		return // net/http cancels its context after the request
 	}
 	c := s.c
 	if c == nil {
-		s.abort(ReasonCanceled, time.Time{})
+		s.abort(ReasonCanceled, time.Time{}, weak)
 		return
 	}
-	const hungUp = unix.POLLERR | unix.POLLHUP
-	if s.m.src.name() != SourceNone {
-		wait := sourceWait
-		if revents, ok := pollPeer(c); ok && revents&hungUp != 0 {
-			wait = deadWait
-		}
-		t := time.NewTimer(wait)
-		select {
-		case <-c.deadCh:
-		case <-s.servedCh:
-		case <-t.C:
-		}
-		t.Stop()
-	}
-	c.mu.Lock()
-	dead, fin := c.dead, c.fin
-	c.mu.Unlock()
-	if dead == ReasonNone && !fin {
-		// No source said anything (or there is none): ask the socket.
-		if revents, ok := pollPeer(c); ok {
-			switch {
-			case revents&hungUp != 0:
-				_ = c.raw.Control(func(fd uintptr) { dead = classify(int(fd), uint32(revents)) })
-				if dead == ReasonPeerFIN {
-					// An orderly hang-up is a half-close as far as the
-					// request goes: IgnoreHalfClose applies to it.
-					dead, fin = ReasonNone, true
-				}
-			case revents&unix.POLLRDHUP != 0:
-				fin = true
-			}
-		}
+	r, how := c.gone(), fromSource
+	if r == ReasonNone {
+		r, how = c.askSocket(), fromSocket
 	}
 	switch {
-	case dead != ReasonNone:
-		s.abort(dead, time.Time{})
-	case fin && s.m.opts.IgnoreHalfClose && s.proto == 1:
+	case r == ReasonNone:
+		s.abort(ReasonCanceled, time.Time{}, weak)
+	case r == ReasonPeerFIN && s.m.opts.IgnoreHalfClose && s.proto == 1:
 		// The client may still be reading: the request goes on.
-	case fin:
-		s.abort(ReasonPeerFIN, time.Time{})
 	default:
-		s.abort(ReasonCanceled, time.Time{})
+		s.abort(r, time.Time{}, how)
 	}
 }
 
-// pollPeer asks c's socket, without waiting, whether the client
-// half-closed it (POLLRDHUP) or it died (POLLERR, POLLHUP). ok is false
-// when the socket cannot be asked (net/http closed it).
-func pollPeer(c *conn) (revents int16, ok bool) {
-	err := c.raw.Control(func(fd uintptr) {
-		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLRDHUP}}
-		if n, err := unix.Poll(fds, 0); err == nil && n == 1 {
-			revents, ok = fds[0].Revents, true
-		}
-	})
-	return revents, ok && err == nil
-}
+// String implements fmt.Stringer for context printing.
+func (s *State) String() string { return "httpx.State" }

@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -36,6 +37,7 @@ type responseWriter struct {
 
 	mu          sync.Mutex
 	wroteHeader bool // a status or body was sent (or the connection hijacked)
+	status      int  // the status sent, 0 before
 	spare       http.Header
 }
 
@@ -48,19 +50,21 @@ type (
 	hijackPushWriter struct{ *responseWriter }
 )
 
-func newWriter(s *State, w http.ResponseWriter) (*responseWriter, http.ResponseWriter) {
-	rw := &responseWriter{s: s, rw: w}
-	_, hijacker := w.(http.Hijacker)
-	_, pusher := w.(http.Pusher)
+// handlerWriter returns the ResponseWriter the handler gets: w itself, or
+// w in a wrapper that adds Hijack or Push. The wrappers are one pointer, so
+// none of this allocates.
+func (w *responseWriter) handlerWriter() http.ResponseWriter {
+	_, hijacker := w.rw.(http.Hijacker)
+	_, pusher := w.rw.(http.Pusher)
 	switch {
 	case hijacker && pusher:
-		return rw, hijackPushWriter{rw}
+		return hijackPushWriter{w}
 	case hijacker:
-		return rw, hijackWriter{rw}
+		return hijackWriter{w}
 	case pusher:
-		return rw, pushWriter{rw}
+		return pushWriter{w}
 	}
-	return rw, rw
+	return w
 }
 
 // Unwrap returns net/http's ResponseWriter, for http.ResponseController.
@@ -90,8 +94,8 @@ func (w *responseWriter) WriteHeader(code int) {
 	if w.released.Load() {
 		return
 	}
-	if code >= 200 || code == http.StatusSwitchingProtocols {
-		w.wroteHeader = true
+	if !w.wroteHeader && (code >= 200 || code == http.StatusSwitchingProtocols) {
+		w.wroteHeader, w.status = true, code
 	}
 	w.rw.WriteHeader(code)
 }
@@ -103,7 +107,7 @@ func (w *responseWriter) output() error {
 	if w.released.Load() {
 		return ErrFinished
 	}
-	if w.s.mustStop() {
+	if w.s.stop.Load() {
 		panic(http.ErrAbortHandler)
 	}
 	return nil
@@ -122,7 +126,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 		return 0, ErrFinished
 	}
 	// net/http sends the header at the first Write, even an empty one.
-	w.wroteHeader = true
+	w.sentLocked()
 	n, err := w.rw.Write(p)
 	w.written.Add(int64(n))
 	w.mu.Unlock()
@@ -132,11 +136,19 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// sentLocked notes that net/http has the status (200 unless WriteHeader
+// said otherwise).
+func (w *responseWriter) sentLocked() {
+	if !w.wroteHeader {
+		w.wroteHeader, w.status = true, http.StatusOK
+	}
+}
+
 // writeFailed marks the request aborted by a failed write, unless the
 // failure is the past write deadline set by release.
 func (w *responseWriter) writeFailed() {
 	if !w.cut.Load() {
-		w.s.abort(ReasonWriteError, time.Now())
+		w.s.writeFailed()
 	}
 }
 
@@ -161,7 +173,7 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	}
 	n, err := rf.ReadFrom(src)
 	if n > 0 {
-		w.wroteHeader = true
+		w.sentLocked()
 	}
 	w.written.Add(n)
 	w.mu.Unlock()
@@ -210,7 +222,7 @@ func (w *responseWriter) FlushError() error {
 	}
 	err := flushUnderlying(w.rw)
 	if err == nil {
-		w.wroteHeader = true
+		w.sentLocked()
 	}
 	w.mu.Unlock()
 	if err != nil && !errors.Is(err, http.ErrNotSupported) {
@@ -259,7 +271,7 @@ func (w *responseWriter) hijack() (net.Conn, *bufio.ReadWriter, error) {
 	}
 	c, brw, err := w.rw.(http.Hijacker).Hijack()
 	if err == nil {
-		w.wroteHeader = true
+		w.sentLocked()
 	}
 	return c, brw, err
 }
@@ -292,23 +304,69 @@ func (w *responseWriter) bodyWritten() bool { return w.written.Load() > 0 }
 
 // release hands the response back to net/http. When the handler timed out
 // before writing anything it answers 503 first. stuck says the handler is
-// still running after the grace: a write it is blocked in is cut short by a
-// past write deadline. It reports whether a partial response was already
+// still running after the grace: a write it is blocked in is cut short by
+// a past write deadline, a read of the request body by a past read
+// deadline, and the 503 closes the connection so that net/http does not
+// wait for the body. It reports whether a partial response was already
 // sent.
 func (w *responseWriter) release(timedOut, stuck bool) (partial bool) {
-	if !w.mu.TryLock() {
-		if stuck {
+	if stuck {
+		rc := http.NewResponseController(w.rw)
+		_ = rc.SetReadDeadline(time.Now())
+		if !w.mu.TryLock() {
 			w.cut.Store(true)
-			_ = http.NewResponseController(w.rw).SetWriteDeadline(time.Now())
+			_ = rc.SetWriteDeadline(time.Now())
+			w.mu.Lock()
 		}
+	} else {
 		w.mu.Lock()
 	}
 	defer w.mu.Unlock()
+	if w.released.Load() {
+		return w.wroteHeader
+	}
 	partial = w.wroteHeader
 	if timedOut && !w.wroteHeader {
-		http.Error(w.rw, "Service Unavailable: request time limit exceeded", http.StatusServiceUnavailable)
-		w.wroteHeader = true
+		const msg = "Service Unavailable: request time limit exceeded\n"
+		h := w.rw.Header()
+		h.Set("Content-Type", "text/plain; charset=utf-8")
+		h.Set("X-Content-Type-Options", "nosniff")
+		h.Set("Content-Length", strconv.Itoa(len(msg)))
+		if stuck {
+			h.Set("Connection", "close")
+		}
+		w.rw.WriteHeader(http.StatusServiceUnavailable)
+		_, _ = io.WriteString(w.rw, msg)
+		if stuck {
+			_ = flushUnderlying(w.rw)
+		}
+		w.wroteHeader, w.status = true, http.StatusServiceUnavailable
 	}
 	w.released.Store(true)
 	return partial
+}
+
+// WriteString is Write for a string, without copying it when the
+// underlying writer takes strings (net/http's does).
+func (w *responseWriter) WriteString(str string) (int, error) {
+	sw, ok := w.rw.(io.StringWriter)
+	if !ok {
+		return w.Write([]byte(str))
+	}
+	if err := w.output(); err != nil {
+		return 0, err
+	}
+	w.mu.Lock()
+	if w.released.Load() {
+		w.mu.Unlock()
+		return 0, ErrFinished
+	}
+	w.sentLocked()
+	n, err := sw.WriteString(str)
+	w.written.Add(int64(n))
+	w.mu.Unlock()
+	if err != nil {
+		w.writeFailed()
+	}
+	return n, err
 }

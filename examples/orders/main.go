@@ -47,6 +47,9 @@ import (
 	"time"
 
 	"github.com/hangup-io/hangup/httpx"
+	// Links the in-process probe (and cilium/ebpf) so that -httpx.source=bpf
+	// works; a server that only uses the agent or epoll leaves it out.
+	_ "github.com/hangup-io/hangup/httpx/bpfsource"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )

@@ -1,0 +1,75 @@
+// Package bpfsource links the in-process kernel probe into httpx: a server
+// that imports it can use httpx.SourceBPF, which loads the probe (package
+// bpf, and with it cilium/ebpf) into the server itself and needs CAP_BPF and
+// CAP_PERFMON. Import it for its side effect:
+//
+//	import _ "github.com/hangup-io/hangup/httpx/bpfsource"
+//
+// Servers that get their events from the host agent (hangupd) or from epoll
+// need not import it, and then do not link cilium/ebpf.
+package bpfsource
+
+import (
+	"errors"
+	"log/slog"
+	"time"
+
+	"github.com/hangup-io/hangup/bpf"
+	"github.com/hangup-io/hangup/httpx/internal/detect"
+)
+
+func init() { detect.RegisterBPF(start) }
+
+// loadProbe is bpf.Load; tests replace it.
+var loadProbe = bpf.Load
+
+type source struct {
+	probe *bpf.Probe
+	sink  detect.Sink
+	log   *slog.Logger
+	done  chan struct{}
+}
+
+func start(opts detect.BPFOptions, sink detect.Sink, log *slog.Logger) (detect.Source, error) {
+	p, err := loadProbe(bpf.Options{
+		RingBufferSize: opts.RingBufferSize,
+		MaxConnections: opts.MaxConnections,
+		FlushInterval:  opts.FlushInterval,
+	})
+	if err != nil {
+		return nil, err
+	}
+	s := &source{probe: p, sink: sink, log: log, done: make(chan struct{})}
+	go s.read()
+	return s, nil
+}
+
+// read hands every event that says a client went away to the sink. Such
+// events wake the reader at once; routine ones never reach the sink.
+func (s *source) read() {
+	defer close(s.done)
+	var e bpf.Event
+	for {
+		err := s.probe.ReadInto(&e)
+		if errors.Is(err, bpf.ErrClosed) {
+			return
+		}
+		if err != nil {
+			s.log.Error("reading probe events", "err", err)
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if k, ok := detect.FromProbe(uint8(e.Kind), uint8(e.Cause), e.Err); ok {
+			s.sink.Deliver(e.Cookie, k, e.Time)
+		}
+	}
+}
+
+// WatchPort implements detect.Source.
+func (s *source) WatchPort(netnsCookie uint64, port uint16) error { return nil }
+
+func (s *source) Close() error {
+	err := s.probe.Close()
+	<-s.done
+	return err
+}
