@@ -73,6 +73,34 @@ func parseWrk(out string) (wrkResult, error) {
 	return r, nil
 }
 
+// Load methods (-method).
+const (
+	// Paired: both servers loaded at the same time, each by its own
+	// wrk; they share the server CPU.
+	methodPaired = "paired"
+	// Interleaved: one server at a time with the CPU to itself, in the
+	// order A B, then B A, and so on; a ratio pairs two adjacent runs.
+	methodInterleaved = "interleaved"
+)
+
+// abRun loads a and b, at once or one after the other (b first on odd
+// repetitions) as cfg.method says, and returns both results.
+func abRun(ctx context.Context, cfg *config, rep int, a, b *server, d time.Duration, closeConns bool) (ra, rb wrkResult, err error) {
+	if cfg.method == methodPaired {
+		return pairedRun(ctx, cfg, a, b, d, closeConns)
+	}
+	first, second := &ra, &rb
+	fs, ss := a, b
+	if rep%2 == 1 {
+		first, second, fs, ss = second, first, b, a
+	}
+	if *first, err = runWrk(ctx, cfg, fs.url(), d, closeConns); err != nil {
+		return ra, rb, err
+	}
+	*second, err = runWrk(ctx, cfg, ss.url(), d, closeConns)
+	return ra, rb, err
+}
+
 // pairedRun loads a and b at the same time, each with its own wrk, and
 // returns both results.
 func pairedRun(ctx context.Context, cfg *config, a, b *server, d time.Duration, closeConns bool) (ra, rb wrkResult, err error) {
@@ -141,7 +169,7 @@ func loadTarget(measure string) string {
 func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc.Agent, rep *report) error {
 	src := hs.v.source
 	// Warm both up (page cache, TCP memory, the probe's maps).
-	if _, _, err := pairedRun(ctx, cfg, bs, hs, time.Second, false); err != nil {
+	if _, _, err := abRun(ctx, cfg, 0, bs, hs, time.Second, false); err != nil {
 		return err
 	}
 	ratios := map[bool][]float64{}
@@ -149,7 +177,7 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 	errs := map[bool]int{}
 	for i := range cfg.reps {
 		for _, closeConns := range []bool{false, true} {
-			rb, rh, err := pairedRun(ctx, cfg, bs, hs, cfg.duration, closeConns)
+			rb, rh, err := abRun(ctx, cfg, i, bs, hs, cfg.duration, closeConns)
 			if err != nil {
 				return err
 			}
@@ -159,7 +187,7 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 			ratios[closeConns] = append(ratios[closeConns], rh.rps/rb.rps)
 			bareRPS[closeConns] = append(bareRPS[closeConns], rb.rps)
 			errs[closeConns] += rb.errors + rh.errors
-			slog.Info("paired run", "source", src, "rep", i+1, "close", closeConns,
+			slog.Info("load run", "method", cfg.method, "source", src, "rep", i+1, "close", closeConns,
 				"bare_rps", int(rb.rps), "httpx_rps", int(rh.rps), "ratio", fmt.Sprintf("%.3f", rh.rps/rb.rps))
 		}
 	}
@@ -176,8 +204,8 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 		row := Row{Measure: m, Case: src, Target: loadTarget(m), Unit: "×", Stats: &s,
 			Value:   fmt.Sprintf("%.2f× (%.2f–%.2f)", s.Median, s.Min, s.Max),
 			Verdict: verdict(s.Median >= target),
-			Note: fmt.Sprintf("%d paired %s runs, wrk -t1 -c%d; bare median %.0f req/s on this machine",
-				s.N, cfg.duration, cfg.conns, summarize(bareRPS[closeConns]).Median)}
+			Note: fmt.Sprintf("%d %s A/B pairs of %s runs, wrk -t1 -c%d; bare median %.0f req/s on this machine",
+				s.N, cfg.method, cfg.duration, cfg.conns, summarize(bareRPS[closeConns]).Median)}
 		if errs[closeConns] > 0 {
 			row.Note += fmt.Sprintf("; %d wrk errors", errs[closeConns])
 		}

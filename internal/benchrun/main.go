@@ -30,6 +30,7 @@ type config struct {
 	reps         int
 	duration     time.Duration
 	conns        int
+	method       string // methodInterleaved or methodPaired
 	syscallConns int
 	detectTrials int
 	count        int // -count of the go benchmarks
@@ -56,6 +57,7 @@ func run() error {
 	flag.StringVar(&cfg.jsonOut, "json", "docs/benchmarks.json", "the JSON results to write")
 	flag.IntVar(&cfg.reps, "reps", 5, "repetitions of every paired load run")
 	flag.DurationVar(&cfg.duration, "duration", 5*time.Second, "length of one load run")
+	flag.StringVar(&cfg.method, "method", methodPaired, "load runs: paired (both servers at once on the same CPU) or interleaved (one at a time, A B B A ...)")
 	flag.IntVar(&cfg.conns, "conns", 32, "wrk connections per server")
 	flag.IntVar(&cfg.syscallConns, "syscall-conns", 2000, "closed connections traced for the syscall count")
 	flag.IntVar(&cfg.count, "count", 5, "repetitions (-count) of the go benchmarks")
@@ -70,6 +72,9 @@ func run() error {
 			}
 			cfg.only = append(cfg.only, s)
 		}
+	}
+	if cfg.method != methodInterleaved && cfg.method != methodPaired {
+		return fmt.Errorf("-method: %q is neither %s nor %s", cfg.method, methodInterleaved, methodPaired)
 	}
 	if cfg.reps < 1 || cfg.duration <= 0 || cfg.conns < 1 || cfg.syscallConns < 1 || cfg.detectTrials < 1 || cfg.count < 1 {
 		return fmt.Errorf("-reps, -duration, -conns, -syscall-conns, -detect-trials and -count must be positive")
@@ -129,10 +134,11 @@ func run() error {
 		rep.Sections = append(rep.Sections, Section{Name: st.name, Seconds: time.Since(t0).Seconds()})
 	}
 	rep.Seconds = time.Since(start).Seconds()
+	rep.Machine.LoadEnd = loadAvg()
 	rep.Quick = cfg.quick
 	rep.Only = cfg.only
-	rep.Config = fmt.Sprintf("reps=%d duration=%s conns=%d syscall-conns=%d detect-trials=%d count=%d server-cpu=%q load-cpu=%q",
-		cfg.reps, cfg.duration, cfg.conns, cfg.syscallConns, cfg.detectTrials, cfg.count, cfg.serverCPU, cfg.loadCPU)
+	rep.Config = fmt.Sprintf("method=%s reps=%d duration=%s conns=%d syscall-conns=%d detect-trials=%d count=%d server-cpu=%q load-cpu=%q",
+		cfg.method, cfg.reps, cfg.duration, cfg.conns, cfg.syscallConns, cfg.detectTrials, cfg.count, cfg.serverCPU, cfg.loadCPU)
 	if err := rep.write(cfg.out, cfg.jsonOut); err != nil {
 		return err
 	}

@@ -83,6 +83,16 @@ type Machine struct {
 	Kernel string `json:"kernel"`
 	Go     string `json:"go"`
 	Commit string `json:"commit"`
+	// /proc/loadavg at the start and the end of the run: other work on
+	// the machine shows here.
+	LoadStart string `json:"load_start"`
+	LoadEnd   string `json:"load_end"`
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	return strings.Join(f[:min(3, len(f))], " ")
 }
 
 // Section is how long one part of the run took.
@@ -110,7 +120,7 @@ func (r *report) add(row Row) {
 }
 
 func describeMachine() Machine {
-	m := Machine{CPUs: runtime.NumCPU(), Go: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH}
+	m := Machine{LoadStart: loadAvg(), CPUs: runtime.NumCPU(), Go: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH}
 	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
 		for _, l := range strings.Split(string(b), "\n") {
 			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
@@ -168,11 +178,14 @@ func (r *report) markdown(jsonPath string) string {
 		w(" (BENCH_QUICK=1: silent drops skipped)")
 	}
 	w("\n- machine: %s, %d CPUs; %s; %s; commit %s\n", r.Machine.CPU, r.Machine.CPUs, r.Machine.Kernel, r.Machine.Go, r.Machine.Commit)
+	w("- load average (1, 5, 15 min) at start: %s, at end: %s\n", r.Machine.LoadStart, r.Machine.LoadEnd)
 	w("- settings: %s\n\n", r.Config)
-	w("Throughput figures are ratios to bare net/http from paired runs: both servers at the same time,\n")
-	w("pinned to the same CPU (server-cpu), each loaded by its own wrk pinned to the other CPU (load-cpu);\n")
-	w("the table gives the median ratio and, in parentheses, the range over the repetitions. Absolute\n")
-	w("figures appear only beside their baseline, for scale.\n\n")
+	w("Throughput figures are ratios to bare net/http from A/B pairs measured together: with method=paired\n")
+	w("both servers run at the same time, pinned to the same CPU (server-cpu), each loaded by its own wrk\n")
+	w("pinned to the other CPU (load-cpu); with method=interleaved one runs at a time, A B B A ... The table\n")
+	w("gives the median ratio and, in parentheses, the range over the repetitions. Absolute figures appear\n")
+	w("only beside their baseline, for scale. A load average well above 0 at start means other work shared\n")
+	w("the CPUs: the ratios then spread wider.\n\n")
 	w("| measure | case | result | target | verdict |\n| --- | --- | --- | --- | --- |\n")
 	prev := ""
 	for _, row := range r.Rows {
@@ -214,7 +227,8 @@ func cell(s string) string {
 
 const methods = `- **Throughput** (section load): internal/benchrun/server, built once, runs as ` + "`--mode=bare`" + ` and as
   ` + "`--mode=httpx --source=S`" + ` side by side; one wrk each (` + "`-t1`" + `, keep-alive, then ` + "`-H 'Connection: close'`" + `),
-  started together, repeated and interleaved; ratio = httpx req/s ÷ bare req/s of the same run. For the
+  started together (paired) or one after the other (interleaved), each repetition running both modes;
+  ratio = httpx req/s ÷ bare req/s of the same pair. For the
   agent source a real hangupd runs (root, private socket, pinned with the servers) and the server serves
   through Monitor.Listener; the harness waits until the agent lists the listener.
 - **Agent CPU**: the agent-watched server alone under ` + "`Connection: close`" + ` load; hangupd's CPU time
