@@ -257,7 +257,8 @@ func featureRows(o benchOutput, rep *report) {
 		rep.add(Row{Measure: measureFeature, Case: feat, Target: "listed", Verdict: listed, Unit: "ns", Stats: &ns,
 			Values: map[string]float64{"added_ns": ns.Median, "added_allocs": allocs.Median},
 			Value:  added(ns, allocs),
-			Note:   fmt.Sprintf("over a plain httpx request through a loopback server, %d repetitions", ns.N)})
+			Note: fmt.Sprintf("over a plain httpx request through a loopback keep-alive server, %d repetitions; "+
+				"ns/op is wall time per request, waits included", ns.N)})
 	}
 }
 

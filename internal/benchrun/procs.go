@@ -159,8 +159,10 @@ type tcpAddr string
 func (a tcpAddr) Network() string { return "tcp" }
 func (a tcpAddr) String() string  { return string(a) }
 
-// startAgent runs hangupd pinned with the servers: its CPU time competes
-// with theirs, as it would on a real host.
+// startAgent runs hangupd pinned with the load generators: its probe sees
+// every server socket on the host, the bare server's too, so on the
+// servers' CPU it would charge the httpx server for the bare one's
+// connections. Its own cost is the agent CPU row.
 func startAgent(cfg *config, b *build) (*agentproc.Agent, error) {
-	return agentproc.Start(b.hangupd, pinned(cfg.serverCPU), "--seed.disable")
+	return agentproc.Start(b.hangupd, pinned(cfg.loadCPU), "--seed.disable")
 }

@@ -229,10 +229,12 @@ const methods = `- **Throughput** (section load): internal/benchrun/server, buil
   ` + "`--mode=httpx --source=S`" + ` side by side; one wrk each (` + "`-t1`" + `, keep-alive, then ` + "`-H 'Connection: close'`" + `),
   started together (paired) or one after the other (interleaved), each repetition running both modes;
   ratio = httpx req/s ÷ bare req/s of the same pair. For the
-  agent source a real hangupd runs (root, private socket, pinned with the servers) and the server serves
+  agent source a real hangupd runs (root, private socket, pinned with the wrks: its probe sees the bare
+  server's connections too, so its own cost is reported in the agent CPU row) and the server serves
   through Monitor.Listener; the harness waits until the agent lists the listener.
 - **Agent CPU**: the agent-watched server alone under ` + "`Connection: close`" + ` load; hangupd's CPU time
-  (/proc/PID/stat) divided by the connections wrk completed, × 100k.
+  (/proc/PID/stat) during the run minus during an idle window of the same length just before it (the
+  probe sees every server socket on the host), divided by the connections wrk completed, × 100k.
 - **Syscalls per connection** (section syscalls): ` + "`strace -f`" + ` attached to the server while a Go client
   makes N sequential requests on new connections (Connection: close); every traced syscall counts,
   divided by N; dups are fcntl(F_DUPFD*) and dup/dup2/dup3.
