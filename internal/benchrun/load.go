@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -155,6 +156,9 @@ func measureLoad(ctx context.Context, cfg *config, b *build, rep *report) error 
 		if err != nil {
 			return err
 		}
+		if err := profile(ctx, cfg, b, variant{"httpx", src}, agent, rep); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -274,4 +278,42 @@ func cut(s string) string {
 		s = s[:200] + "…"
 	}
 	return s
+}
+
+// profile loads the httpx server of one source alone with keep-alive
+// requests while it writes a CPU profile, and keeps pprof's top functions
+// for the report: what costs the time where a target is missed.
+func profile(ctx context.Context, cfg *config, b *build, v variant, agent *agentproc.Agent, rep *report) error {
+	path := filepath.Join(b.dir, "cpu-"+v.String()+".pprof")
+	s, err := startServer(ctx, cfg, b, v, agent, "--cpuprofile="+path)
+	if err != nil {
+		return err
+	}
+	_, err = runWrk(ctx, cfg, s.url(), cfg.duration, false)
+	s.stop()
+	if err != nil {
+		return err
+	}
+	var tops []string
+	for _, args := range [][]string{
+		{"-top", "-nodecount=12"},
+		{"-top", "-cum", "-nodecount=15", "-show=github.com/hangup-io/"},
+	} {
+		args = append(append([]string{"tool", "pprof"}, args...), b.server, path)
+		out, err := exec.CommandContext(ctx, "go", args...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("go tool pprof: %w\n%s", err, out)
+		}
+		tops = append(tops, trimPprof(string(out)))
+	}
+	rep.Profiles = append(rep.Profiles, Profile{Source: v.source, Top: strings.Join(tops, "\n\n")})
+	return nil
+}
+
+// trimPprof drops pprof's header lines up to the summary.
+func trimPprof(out string) string {
+	if i := strings.Index(out, "Showing nodes"); i >= 0 {
+		out = out[i:]
+	}
+	return strings.TrimSpace(out)
 }

@@ -92,8 +92,8 @@ type server struct {
 // startServer runs the bench server for v pinned to cfg.serverCPU and
 // waits until it listens; with the agent source, also until the agent
 // took its listener.
-func startServer(ctx context.Context, cfg *config, b *build, v variant, agent *agentproc.Agent) (*server, error) {
-	args := []string{b.server, "--mode=" + v.mode}
+func startServer(ctx context.Context, cfg *config, b *build, v variant, agent *agentproc.Agent, extra ...string) (*server, error) {
+	args := append([]string{b.server, "--mode=" + v.mode}, extra...)
 	if v.mode == "httpx" {
 		args = append(args, "--source="+v.source)
 		if v.source == "agent" {

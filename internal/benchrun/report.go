@@ -110,6 +110,13 @@ type report struct {
 	Config   string    `json:"config"`
 	Sections []Section `json:"sections"`
 	Rows     []Row     `json:"rows"`
+	Profiles []Profile `json:"profiles,omitempty"`
+}
+
+// Profile is pprof's top of an httpx server under keep-alive load.
+type Profile struct {
+	Source string `json:"source"`
+	Top    string `json:"top"`
 }
 
 func (r *report) add(row Row) {
@@ -207,6 +214,15 @@ func (r *report) markdown(jsonPath string) string {
 	for _, row := range r.Rows {
 		if row.Note != "" {
 			w("- %s, %s: %s\n", row.Measure, row.Case, cell(row.Note))
+		}
+	}
+	if len(r.Profiles) > 0 {
+		w("\n## Where the httpx server's time goes\n\n")
+		w("CPU profile of the httpx server alone under keep-alive wrk load (one per source, same duration as a\n")
+		w("load run): `go tool pprof -top` (most time in the function itself), then `-top -cum` of hangup's own\n")
+		w("functions (most time in them and what they call).\n")
+		for _, p := range r.Profiles {
+			w("\n### %s\n\n```\n%s\n```\n", p.Source, p.Top)
 		}
 	}
 	w("\n## How each row is measured\n\n%s", methods)
