@@ -6,6 +6,9 @@ BIN       ?= bin
 ARGS      ?=
 # Packages a test run needs on a fresh Debian machine (ip, nft, promtool, nstat).
 TEST_DEBS := iproute2 nftables prometheus
+# Extra flags for `make bench`, e.g. BENCH_ARGS='-only=load,detect -reps=3' (see go run ./internal/benchrun -h).
+BENCH_ARGS ?=
+BENCH_QUICK ?=
 # Packages `make generate` needs.
 GEN_DEBS  := clang llvm libbpf-dev
 
@@ -25,8 +28,9 @@ test: deps ## run every test, the privileged ones too (as root); HANGUP_REQUIRE_
 	$(GO) test -race -count=1 -timeout 20m ./...
 	@if [ -f examples/orders/go.mod ]; then cd examples/orders && $(GO) test -race -count=1 -timeout 10m ./...; fi
 
-bench: ## run the benchmarks (compare ratios against the baselines in the same run)
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
+bench: ## measure hangup against its baselines in one run (root, ~10 min; BENCH_QUICK=1 skips silent drops): docs/benchmarks.md, .json
+	@./scripts/ensure-debs.sh wrk:wrk strace:strace taskset:util-linux ip:iproute2 nft:nftables
+	$(GO) run ./internal/benchrun -quick=$(if $(filter 1,$(BENCH_QUICK)),true,false) $(BENCH_ARGS)
 
 generate: deps-generate ## rebuild the BPF object and Go bindings from bpf/probe.c
 	$(GO) generate ./bpf/...

@@ -1,0 +1,269 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Verdicts of a row.
+const (
+	met         = "met"
+	missed      = "missed"
+	listed      = "listed"
+	notMeasured = "not measured"
+)
+
+func verdict(ok bool) string {
+	if ok {
+		return met
+	}
+	return missed
+}
+
+// Stats summarizes repeated measurements.
+type Stats struct {
+	N       int       `json:"n"`
+	Median  float64   `json:"median"`
+	Min     float64   `json:"min"`
+	Max     float64   `json:"max"`
+	Samples []float64 `json:"samples"`
+}
+
+func summarize(xs []float64) Stats {
+	s := Stats{N: len(xs), Samples: xs}
+	if len(xs) == 0 {
+		return s
+	}
+	sorted := slices.Clone(xs)
+	slices.Sort(sorted)
+	s.Min, s.Max = sorted[0], sorted[len(sorted)-1]
+	s.Median = quantile(sorted, 0.5)
+	return s
+}
+
+// quantile of sorted values, interpolating between neighbours.
+func quantile(sorted []float64, q float64) float64 {
+	if len(sorted) == 0 {
+		return math.NaN()
+	}
+	pos := q * float64(len(sorted)-1)
+	lo := int(math.Floor(pos))
+	hi := min(lo+1, len(sorted)-1)
+	return sorted[lo] + (sorted[hi]-sorted[lo])*(pos-float64(lo))
+}
+
+// Row is one line of the table: a measure of the issue's targets for one
+// case (a source, a client action...).
+type Row struct {
+	Measure string `json:"measure"`
+	Case    string `json:"case"`
+	Value   string `json:"value"`
+	Target  string `json:"target"`
+	Verdict string `json:"verdict"`
+	Unit    string `json:"unit,omitempty"`
+	Stats   *Stats `json:"stats,omitempty"`
+	// Values holds named figures of a row that lists several (bare and
+	// httpx syscalls, binary sizes, percentiles).
+	Values map[string]float64 `json:"values,omitempty"`
+	Note   string             `json:"note,omitempty"`
+}
+
+// Machine describes where the run happened.
+type Machine struct {
+	CPU    string `json:"cpu"`
+	CPUs   int    `json:"cpus"`
+	Kernel string `json:"kernel"`
+	Go     string `json:"go"`
+	Commit string `json:"commit"`
+	// /proc/loadavg at the start and the end of the run: other work on
+	// the machine shows here.
+	LoadStart string `json:"load_start"`
+	LoadEnd   string `json:"load_end"`
+}
+
+func loadAvg() string {
+	b, _ := os.ReadFile("/proc/loadavg")
+	f := strings.Fields(string(b))
+	return strings.Join(f[:min(3, len(f))], " ")
+}
+
+// Section is how long one part of the run took.
+type Section struct {
+	Name    string  `json:"name"`
+	Seconds float64 `json:"seconds"`
+}
+
+type report struct {
+	Machine  Machine   `json:"machine"`
+	Started  time.Time `json:"started"`
+	Seconds  float64   `json:"seconds"`
+	Quick    bool      `json:"quick"`
+	Only     []string  `json:"only,omitempty"`
+	Config   string    `json:"config"`
+	Sections []Section `json:"sections"`
+	Rows     []Row     `json:"rows"`
+	Profiles []Profile `json:"profiles,omitempty"`
+}
+
+// Profile is pprof's top of an httpx server under keep-alive load.
+type Profile struct {
+	Source string `json:"source"`
+	Top    string `json:"top"`
+}
+
+func (r *report) add(row Row) {
+	if row.Verdict == notMeasured && row.Value == "" {
+		row.Value = "not measured"
+	}
+	r.Rows = append(r.Rows, row)
+}
+
+func describeMachine() Machine {
+	m := Machine{LoadStart: loadAvg(), CPUs: runtime.NumCPU(), Go: runtime.Version() + " " + runtime.GOOS + "/" + runtime.GOARCH}
+	if b, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, l := range strings.Split(string(b), "\n") {
+			if k, v, ok := strings.Cut(l, ":"); ok && strings.TrimSpace(k) == "model name" {
+				m.CPU = strings.TrimSpace(v)
+				break
+			}
+		}
+	}
+	if out, err := exec.Command("uname", "-srm").Output(); err == nil {
+		m.Kernel = strings.TrimSpace(string(out))
+	}
+	if out, err := exec.Command("go", "version").Output(); err == nil {
+		m.Go = strings.TrimPrefix(strings.TrimSpace(string(out)), "go version ")
+	}
+	if out, err := exec.Command("git", "describe", "--always", "--dirty").Output(); err == nil {
+		m.Commit = strings.TrimSpace(string(out))
+	}
+	return m
+}
+
+// measureOrder is the order of the issue's Targets table.
+var measureOrder = []string{measureKeepAlive, measureClose, measureOverhead, measureSyscallsName, measureFeature,
+	measureDetect, measureAgentCPU, measureDrop, measureChurn, measureBinary}
+
+func (r *report) write(mdPath, jsonPath string) error {
+	slices.SortStableFunc(r.Rows, func(a, b Row) int {
+		return slices.Index(measureOrder, a.Measure) - slices.Index(measureOrder, b.Measure)
+	})
+	j, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	for _, p := range []string{mdPath, jsonPath} {
+		if err := os.MkdirAll(filepath.Dir(p), 0o755); err != nil {
+			return err
+		}
+	}
+	if err := os.WriteFile(jsonPath, append(j, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.WriteFile(mdPath, []byte(r.markdown(jsonPath)), 0o644)
+}
+
+func (r *report) markdown(jsonPath string) string {
+	var b strings.Builder
+	w := func(format string, args ...any) { fmt.Fprintf(&b, format, args...) }
+	w("# Benchmarks\n\n")
+	w("Generated by `make bench` (internal/benchrun); the same results with every sample are in `%s`.\n", jsonPath)
+	w("Do not edit by hand: run `make bench` again (as root, on an otherwise quiet machine).\n\n")
+	w("- date: %s, took %s", r.Started.Format("2006-01-02 15:04 MST"), (time.Duration(r.Seconds) * time.Second).String())
+	switch {
+	case len(r.Only) > 0:
+		w(" (partial: %s)", strings.Join(r.Only, ", "))
+	case r.Quick:
+		w(" (BENCH_QUICK=1: silent drops skipped)")
+	}
+	w("\n- machine: %s, %d CPUs; %s; %s; commit %s\n", r.Machine.CPU, r.Machine.CPUs, r.Machine.Kernel, r.Machine.Go, r.Machine.Commit)
+	w("- load average (1, 5, 15 min) at start: %s, at end: %s\n", r.Machine.LoadStart, r.Machine.LoadEnd)
+	w("- settings: %s\n\n", r.Config)
+	w("Throughput figures are ratios to bare net/http from A/B pairs measured together: with method=paired\n")
+	w("both servers run at the same time, pinned to the same CPU (server-cpu), each loaded by its own wrk\n")
+	w("pinned to the other CPU (load-cpu); with method=interleaved one runs at a time, A B B A ... The table\n")
+	w("gives the median ratio and, in parentheses, the range over the repetitions. Absolute figures appear\n")
+	w("only beside their baseline, for scale. A load average well above 0 at start means other work shared\n")
+	w("the CPUs: the ratios then spread wider.\n\n")
+	w("| measure | case | result | target | verdict |\n| --- | --- | --- | --- | --- |\n")
+	prev := ""
+	for _, row := range r.Rows {
+		measure := row.Measure
+		if measure == prev {
+			measure = "″" // same measure as the row above
+		}
+		prev = row.Measure
+		v := row.Verdict
+		switch v {
+		case met:
+			v = "**met**"
+		case missed:
+			v = "**MISSED**"
+		}
+		w("| %s | %s | %s | %s | %s |\n", measure, row.Case, cell(row.Value), row.Target, v)
+	}
+	w("\n## Notes per row\n\n")
+	for _, row := range r.Rows {
+		if row.Note != "" {
+			w("- %s, %s: %s\n", row.Measure, row.Case, cell(row.Note))
+		}
+	}
+	if len(r.Profiles) > 0 {
+		w("\n## Where the httpx server's time goes\n\n")
+		w("CPU profile of the httpx server alone under keep-alive wrk load (one per source, same duration as a\n")
+		w("load run): `go tool pprof -top` (most time in the function itself), then `-top -cum` of hangup's own\n")
+		w("functions (most time in them and what they call).\n")
+		for _, p := range r.Profiles {
+			w("\n### %s\n\n```\n%s\n```\n", p.Source, p.Top)
+		}
+	}
+	w("\n## How each row is measured\n\n%s", methods)
+	w("\nSections: ")
+	for i, s := range r.Sections {
+		if i > 0 {
+			w(", ")
+		}
+		w("%s %.0fs", s.Name, s.Seconds)
+	}
+	w(".\n")
+	return b.String()
+}
+
+func cell(s string) string {
+	return strings.ReplaceAll(strings.ReplaceAll(cut(s), "|", `\|`), "\n", " ")
+}
+
+const methods = `- **Throughput** (section load): internal/benchrun/server, built once, runs as ` + "`--mode=bare`" + ` and as
+  ` + "`--mode=httpx --source=S`" + ` side by side; one wrk each (` + "`-t1`" + `, keep-alive, then ` + "`-H 'Connection: close'`" + `),
+  started together (paired) or one after the other (interleaved), each repetition running both modes;
+  ratio = httpx req/s ÷ bare req/s of the same pair. For the
+  agent source a real hangupd runs (root, private socket, pinned with the wrks: its probe sees the bare
+  server's connections too, so its own cost is reported in the agent CPU row) and the server serves
+  through Monitor.Listener; the harness waits until the agent lists the listener.
+- **Agent CPU**: the agent-watched server alone under ` + "`Connection: close`" + ` load; hangupd's CPU time
+  (/proc/PID/stat) during the run minus during an idle window of the same length just before it (the
+  probe sees every server socket on the host), divided by the connections wrk completed, × 100k.
+- **Syscalls per connection** (section syscalls): ` + "`strace -f`" + ` attached to the server while a Go client
+  makes N sequential requests on new connections (Connection: close); every traced syscall counts,
+  divided by N; dups are fcntl(F_DUPFD*) and dup/dup2/dup3.
+- **Go benchmarks** (section gobench): ` + "`go test -bench`" + ` output parsed by benchmark name and reported unit:
+  httpx BenchmarkOverhead (direct and through a loopback server: added ns/op and allocs/op = httpx − bare,
+  per -count repetition), the agent's cpu-…/100k-conns metric, bpf BenchmarkConnectionChurn (probe ÷ baseline
+  conns/s per repetition), httpx BenchmarkFeatureCost (what Finish, a time limit and WaitDelivered add).
+- **Detection latency** (section detect): httpx BenchmarkDetect, loopback client in the test process;
+  FIN = CloseWrite, RST = SO_LINGER 0 + Close; "body read" = the handler read the whole body first,
+  "body unread" = Content-Length larger than what the client sent; time from just before the client's
+  action to the handler seeing ctx.Done(); a trial that sees nothing within the bound counts as missed,
+  and a p50 or p90 that falls on a missed trial is "never".
+- **Binary growth** (section binsize): internal/benchrun/hello/{prom,httpx} built with ` + "`-ldflags='-s -w'`" + `.
+- **Silent drop** (section drop): httpx BenchmarkSilentDrop, client in its own network namespace over veth
+  (internal/testnet); the link is cut right after the handler has the request; time until its ctx is done.
+`
