@@ -22,9 +22,7 @@ import (
 	"time"
 
 	"github.com/hangup-io/hangup/httpx"
-	// BENCH-MERGE: once the in-process probe is its own package,
-	// SourceBPF (BenchmarkDetect/bpf, BenchmarkSilentDrop/bpf) needs:
-	//	_ "github.com/hangup-io/hangup/httpx/bpfsource"
+	_ "github.com/hangup-io/hangup/httpx/bpfsource" // SourceBPF
 	"github.com/hangup-io/hangup/internal/benchrun/agentproc"
 	"github.com/hangup-io/hangup/internal/testnet"
 	"github.com/hangup-io/hangup/internal/testutil"

@@ -18,9 +18,7 @@ import (
 	"syscall"
 
 	"github.com/hangup-io/hangup/httpx"
-	// BENCH-MERGE: once the in-process probe is its own package, SourceBPF
-	// needs it linked in here:
-	//	_ "github.com/hangup-io/hangup/httpx/bpfsource"
+	_ "github.com/hangup-io/hangup/httpx/bpfsource" // SourceBPF
 )
 
 func main() {
