@@ -137,7 +137,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		id := strconv.FormatUint(uint64(s.id), 10)
 		counter(c.subDelivered, s.delivered.Load(), id, name)
 		counter(c.subDropped, s.dropped.Load(), id, name)
-		gauge(c.subQueued, float64(len(s.queue)), id, name)
+		gauge(c.subQueued, float64(s.queued()), id, name)
 	}
 	gauge(c.listeners, float64(nl))
 	version, revision := buildVersion()

@@ -86,6 +86,9 @@ func (f *fakeSource) TrackedCookies(fn func(uint64) bool) error {
 	return nil
 }
 
+// Buffered tells the agent how many events wait (see backlogSource).
+func (f *fakeSource) Buffered() int { return len(f.ch) }
+
 func (f *fakeSource) Close() error {
 	f.once.Do(func() { close(f.done) })
 	return nil

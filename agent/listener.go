@@ -95,3 +95,10 @@ func (li *listenerInfo) matches(a netip.Addr) bool {
 	}
 	return !li.v6only || a.Is6()
 }
+
+// stillListening reports whether the socket is (still) listening: a
+// shutdown or close since inspectListener turns it false.
+func stillListening(fd int) bool {
+	acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	return err == nil && acc == 1
+}

@@ -235,6 +235,6 @@ func checkAgent(ctx context.Context, path string) check {
 	defer cl.Close()
 	w := cl.Welcome()
 	c.ok = true
-	c.detail = fmt.Sprintf("%s answers (agent pid %d, protocol version %d)", path, w.AgentPID, wire.Version)
+	c.detail = fmt.Sprintf("%s answers (agent pid %d, protocol version %d)", path, w.AgentPID, cl.Version())
 	return c
 }
