@@ -60,7 +60,8 @@ type Config struct {
 	MaxListenersPerUser int
 	// SeedBurst and SeedRate bound the sock_diag scans that registrations
 	// cost, per user: SeedBurst at once, then SeedRate per second. A
-	// registration beyond them waits for its turn. Zero means 16 and 2.
+	// registration beyond them waits for its turn, up to 2s, or is refused
+	// with CodeLimit. Zero means 16 and 2.
 	SeedBurst int
 	SeedRate  float64
 	// QueueLen bounds each subscriber's event queue, which grows with use

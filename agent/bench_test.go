@@ -31,17 +31,6 @@ const benchSubscriberEnv = "HANGUP_BENCH_SUBSCRIBER"
 // sentinel is the cookie of the event that ends a benchmark subscriber.
 const sentinel = ^uint64(0)
 
-func TestMain(m *testing.M) {
-	if path := os.Getenv(benchSubscriberEnv); path != "" {
-		if err := benchSubscriber(path); err != nil {
-			fmt.Fprintln(os.Stderr, "bench subscriber:", err)
-			os.Exit(1)
-		}
-		os.Exit(0)
-	}
-	os.Exit(m.Run())
-}
-
 // benchSubscriber is a server in a process of its own: it registers a
 // listener with the agent, says "ready PORT", counts the events it gets
 // and, at the sentinel, says "done EVENTS DROPPED" and leaves.

@@ -258,6 +258,10 @@ func (s *subscriber) register(req uint32, fd int) {
 	if !s.a.cfg.NoSeed {
 		if err := s.a.takeSeed(s.cred.Uid, s.done); err != nil {
 			s.a.releaseListeners(s.cred.Uid, 1)
+			if errors.Is(err, errSeedBudget) {
+				s.log.Warn("refusing listener", "err", err)
+				s.replyError(wire.CodeLimit, req, err.Error())
+			}
 			return
 		}
 		if n, err := s.a.seedListener(fd, info); err != nil {

@@ -79,8 +79,17 @@ func (a *Agent) releaseListeners(uid uint32, n int) {
 // waits.
 var errSessionEnded = errors.New("session ended")
 
+// errSeedBudget is what takeSeed returns when the user's budget is spent
+// for longer than maxSeedWait.
+var errSeedBudget = errors.New("registration rate limit of the user reached")
+
+// maxSeedWait is the longest a registration waits for the user's budget;
+// beyond it, it is refused. The session reads no request meanwhile.
+const maxSeedWait = 2 * time.Second
+
 // takeSeed takes one seeding scan from uid's budget, waiting for the bucket
-// to refill if it is empty, until done is closed.
+// to refill if it is empty (until done is closed), or refusing when that
+// would take longer than maxSeedWait.
 func (a *Agent) takeSeed(uid uint32, done <-chan struct{}) error {
 	for {
 		a.mu.Lock()
@@ -93,6 +102,10 @@ func (a *Agent) takeSeed(uid uint32, done <-chan struct{}) error {
 		}
 		wait := time.Duration((1 - u.tokens) / a.cfg.SeedRate * float64(time.Second))
 		a.mu.Unlock()
+		if wait > maxSeedWait {
+			return fmt.Errorf("%w: the next in %s (burst %d, %g per second)", errSeedBudget,
+				wait.Round(time.Second), a.cfg.SeedBurst, a.cfg.SeedRate)
+		}
 		t := time.NewTimer(wait)
 		select {
 		case <-t.C:
