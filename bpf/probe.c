@@ -188,6 +188,17 @@ static __always_inline bool is_tcp(const struct sock *sk)
 }
 
 /*
+ * routine events (opened, retransmit, normal close) may wait for the reader's
+ * poll; every other event says a client is gone (or a listener closed) and
+ * wakes the reader at once.
+ */
+static __always_inline bool routine(__u8 kind, __u8 cause)
+{
+	return kind == KIND_OPENED || kind == KIND_RETRANSMIT ||
+	       (kind == KIND_CLOSED && cause == CAUSE_NORMAL);
+}
+
+/*
  * emit writes one event. lport comes from the tracking entry: the kernel
  * zeroes skc_num when a closing socket releases its port, before the
  * TCP_CLOSE tracepoint fires.
@@ -225,12 +236,17 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	e->reason = reason;
 	e->_pad = 0;
 
-	__u64 flags = 0; /* adaptive: wake the reader if it is waiting */
-	bool routine = kind == KIND_OPENED || kind == KIND_RETRANSMIT ||
-		       (kind == KIND_CLOSED && cause == CAUSE_NORMAL);
-	if (routine)
-		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ?
-				BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	/*
+	 * Not the adaptive default (flags 0): that wakes the reader only when
+	 * this record is the first unread one, and the routine record before
+	 * it (the connection's own "opened", submitted without a wakeup) is
+	 * nearly always still unread, so a client-gone event would wait for
+	 * the reader's next poll.
+	 */
+	__u64 flags = BPF_RB_FORCE_WAKEUP;
+	if (routine(kind, cause) &&
+	    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+		flags = BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 	stat_inc(STAT_EVENTS);
 }
