@@ -93,6 +93,13 @@ struct event {
 	__u32 _pad;
 };
 
+/* A (network namespace, local port) whose events a WatchedOnly probe writes. */
+struct watch_key {
+	__u64 netns_cookie;
+	__u16 port;
+	__u16 _pad[3];
+};
+
 struct counters {
 	__u64 opened;
 	__u64 peer_fin;
@@ -107,6 +114,7 @@ struct counters {
 const struct event *unused_event __attribute__((unused));
 const struct counters *unused_counters __attribute__((unused));
 const struct conn *unused_conn __attribute__((unused));
+const struct watch_key *unused_watch_key __attribute__((unused));
 const enum kind *unused_kind __attribute__((unused));
 const enum cause *unused_cause __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
@@ -120,6 +128,14 @@ const enum stat *unused_stat __attribute__((unused));
  * is gone always wake the reader at once. Set by the loader.
  */
 volatile const __u64 wakeup_bytes = 64 << 10;
+
+/*
+ * With watched_only, the ring buffer gets only client-gone events of
+ * connections whose (netns cookie, local port) is in the watched map: a
+ * server that loads its own probe hears of its own clients and nothing
+ * else. Counters count everything regardless. Set by the loader.
+ */
+volatile const __u8 watched_only = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -141,6 +157,14 @@ struct {
 	__type(key, __u16); /* local port */
 	__type(value, struct counters);
 } port_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__type(key, struct watch_key);
+	__type(value, __u8);
+} watched SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -206,6 +230,14 @@ static __always_inline bool routine(__u8 kind, __u8 cause)
 static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lport, __u8 kind,
 				 __u8 cause, __s32 err, __u16 reason, __u8 old_state, __u8 state)
 {
+	__u64 netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	if (watched_only) {
+		bool gone = kind == KIND_PEER_FIN || kind == KIND_PEER_RESET || kind == KIND_ERROR ||
+			    (kind == KIND_CLOSED && cause != CAUSE_NORMAL);
+		struct watch_key wk = { .netns_cookie = netns_cookie, .port = lport };
+		if (!gone || !bpf_map_lookup_elem(&watched, &wk))
+			return;
+	}
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_LOST);
@@ -213,7 +245,7 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->cookie = cookie;
-	e->netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	e->netns_cookie = netns_cookie;
 	e->family = sk->__sk_common.skc_family;
 	if (e->family == AF_INET6) {
 		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);

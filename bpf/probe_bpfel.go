@@ -90,6 +90,13 @@ const (
 	probeStatSTAT_MAX            probeStat = 5
 )
 
+type probeWatchKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Port        uint16
+	Pad         [3]uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -98,6 +105,7 @@ const (
 	probeMapEvents              = "events"
 	probeMapPortStats           = "port_stats"
 	probeMapStats               = "stats"
+	probeMapWatched             = "watched"
 	probeProgOnDestroy          = "on_destroy"
 	probeProgOnErrorReport      = "on_error_report"
 	probeProgOnReceiveReset     = "on_receive_reset"
@@ -111,7 +119,9 @@ const (
 	probeVarUnusedEvent         = "unused_event"
 	probeVarUnusedKind          = "unused_kind"
 	probeVarUnusedStat          = "unused_stat"
+	probeVarUnusedWatchKey      = "unused_watch_key"
 	probeVarWakeupBytes         = "wakeup_bytes"
+	probeVarWatchedOnly         = "watched_only"
 )
 
 // loadProbe returns the embedded CollectionSpec for probe.
@@ -173,6 +183,7 @@ type probeMapSpecs struct {
 	Events    *ebpf.MapSpec `ebpf:"events"`
 	PortStats *ebpf.MapSpec `ebpf:"port_stats"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
+	Watched   *ebpf.MapSpec `ebpf:"watched"`
 }
 
 // probeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -185,7 +196,9 @@ type probeVariableSpecs struct {
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
 	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedWatchKey *ebpf.VariableSpec `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	WatchedOnly    *ebpf.VariableSpec `ebpf:"watched_only"`
 }
 
 // probeObjects contains all objects after they have been loaded into the kernel.
@@ -212,6 +225,7 @@ type probeMaps struct {
 	Events    *ebpf.Map `ebpf:"events"`
 	PortStats *ebpf.Map `ebpf:"port_stats"`
 	Stats     *ebpf.Map `ebpf:"stats"`
+	Watched   *ebpf.Map `ebpf:"watched"`
 }
 
 func (m *probeMaps) Close() error {
@@ -220,6 +234,7 @@ func (m *probeMaps) Close() error {
 		m.Events,
 		m.PortStats,
 		m.Stats,
+		m.Watched,
 	)
 }
 
@@ -233,7 +248,9 @@ type probeVariables struct {
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
 	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedWatchKey *ebpf.Variable `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.Variable `ebpf:"wakeup_bytes"`
+	WatchedOnly    *ebpf.Variable `ebpf:"watched_only"`
 }
 
 // probePrograms contains all programs after they have been loaded into the kernel.
