@@ -69,7 +69,7 @@ type Probe struct {
 
 	flush       time.Duration
 	watchedOnly bool
-	deadline atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
+	deadline    atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
 
 	closeOnce sync.Once
 	closeErr  error
