@@ -55,21 +55,31 @@ func (c *PortCounters) add(v *probeCounters) {
 	})
 }
 
-// PortCounters returns the counters of every local port that has seen a
-// tracked connection, summed over CPUs.
-func (p *Probe) PortCounters() (map[uint16]PortCounters, error) {
-	out := make(map[uint16]PortCounters)
+// PortKey names a local port in one network namespace: the key of the
+// kernel's counters, so that two containers' :8080 are never added up.
+type PortKey struct {
+	// NetNS is the network namespace's inode number, as lsns, `ip netns
+	// identify` and the /proc/PID/ns/net link show it (net:[NetNS]). It is
+	// not the namespace cookie that events carry in Event.NetNS.
+	NetNS uint32
+	Port  uint16
+}
+
+// PortCounters returns the counters of every (network namespace, local
+// port) that has seen a tracked connection, summed over CPUs.
+func (p *Probe) PortCounters() (map[PortKey]PortCounters, error) {
+	out := make(map[PortKey]PortCounters)
 	var (
-		port   uint16
+		key    probePortKey
 		perCPU []probeCounters
 	)
 	it := p.maps.PortStats.Iterate()
-	for it.Next(&port, &perCPU) {
+	for it.Next(&key, &perCPU) {
 		var c PortCounters
 		for i := range perCPU {
 			c.add(&perCPU[i])
 		}
-		out[port] = c
+		out[PortKey{NetNS: key.Netns, Port: key.Port}] = c
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("reading port counters: %w", err)
@@ -82,7 +92,7 @@ type Stats struct {
 	Events           uint64 // events written to the ring buffer
 	Lost             uint64 // events dropped because the ring buffer was full
 	TrackFull        uint64 // passive connections not tracked: MaxConnections reached
-	PortsFull        uint64 // counter updates dropped: port table full (cannot happen with 65536 entries)
+	PortsFull        uint64 // counter updates dropped: the (namespace, port) table's 65536 entries are full
 	RetransmitFailed uint64 // failed retransmission attempts (not counted as retransmissions)
 }
 

@@ -69,9 +69,18 @@ enum {
 
 struct conn {
 	__u64 opened_ns;
+	__u32 netns; /* network namespace inode; 0 until known for seeded entries */
 	__u16 lport;
 	__u16 flags;
 	__s32 err;
+	__u32 _pad;
+};
+
+/* Counters are kept per (network namespace, local port). */
+struct port_key {
+	__u32 netns; /* namespace inode (lsns, /proc/PID/ns/net) */
+	__u16 port;
+	__u16 _pad;
 };
 
 struct event {
@@ -114,6 +123,7 @@ struct counters {
 const struct event *unused_event __attribute__((unused));
 const struct counters *unused_counters __attribute__((unused));
 const struct conn *unused_conn __attribute__((unused));
+const struct port_key *unused_port_key __attribute__((unused));
 const struct watch_key *unused_watch_key __attribute__((unused));
 const enum kind *unused_kind __attribute__((unused));
 const enum cause *unused_cause __attribute__((unused));
@@ -154,7 +164,7 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
-	__type(key, __u16); /* local port */
+	__type(key, struct port_key);
 	__type(value, struct counters);
 } port_stats SEC(".maps");
 
@@ -181,29 +191,36 @@ static __always_inline void stat_inc(__u32 idx)
 }
 
 /*
- * counters_for returns this CPU's counters for a port, creating them on
- * first use. Per-CPU values with atomic adds: exact even when a softirq
- * interrupts a process-context hook on the same CPU.
+ * counters_for returns this CPU's counters for a connection's (namespace,
+ * port), creating them on first use. Per-CPU values with atomic adds: exact
+ * even when a softirq interrupts a process-context hook on the same CPU.
  */
-static __always_inline struct counters *counters_for(__u16 port)
+static __always_inline struct counters *counters_for(const struct conn *c)
 {
-	struct counters *ps = bpf_map_lookup_elem(&port_stats, &port);
+	struct port_key k = { .netns = c->netns, .port = c->lport };
+	struct counters *ps = bpf_map_lookup_elem(&port_stats, &k);
 	if (ps)
 		return ps;
 	struct counters zero = {};
-	bpf_map_update_elem(&port_stats, &port, &zero, BPF_NOEXIST);
-	ps = bpf_map_lookup_elem(&port_stats, &port);
+	bpf_map_update_elem(&port_stats, &k, &zero, BPF_NOEXIST);
+	ps = bpf_map_lookup_elem(&port_stats, &k);
 	if (!ps)
 		stat_inc(STAT_PORTS_FULL);
 	return ps;
 }
 
-#define COUNT(port, field)                                   \
+#define COUNT(c, field)                                      \
 	do {                                                     \
-		struct counters *__ps = counters_for(port);       \
+		struct counters *__ps = counters_for(c);             \
 		if (__ps)                                            \
 			__sync_fetch_and_add(&__ps->field, 1);           \
 	} while (0)
+
+/* netns_inum is the inode number of the socket's network namespace. */
+static __always_inline __u32 netns_inum(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
 
 static __always_inline bool is_tcp(const struct sock *sk)
 {
@@ -314,7 +331,7 @@ static __always_inline void finalize(const struct sock *sk, __u64 cookie, struct
 	c->flags |= F_FINAL;
 	if (cause >= CAUSE_MAX || cause == CAUSE_NONE)
 		cause = CAUSE_NORMAL;
-	struct counters *ps = counters_for(c->lport);
+	struct counters *ps = counters_for(c);
 	if (ps) {
 		/* cause is bounded above; the mask keeps the verifier sure of it */
 		__sync_fetch_and_add(&ps->closed[cause & (CAUSE_MAX - 1)], 1);
@@ -330,14 +347,17 @@ static __always_inline void report_error(const struct sock *sk, __u64 cookie, st
 		return;
 	c->flags |= F_ERR_REPORTED;
 	c->err = err;
-	COUNT(c->lport, errors);
+	COUNT(c, errors);
 	emit(sk, cookie, c->lport, KIND_ERROR, CAUSE_NONE, err, 0, state, state);
 }
 
 static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
 {
 	*cookie = bpf_get_socket_cookie((void *)sk);
-	return bpf_map_lookup_elem(&conns, cookie);
+	struct conn *c = bpf_map_lookup_elem(&conns, cookie);
+	if (c && !c->netns) /* seeded from userspace, which knows the port only */
+		c->netns = netns_inum(sk);
+	return c;
 }
 
 /*
@@ -370,6 +390,7 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		cookie = bpf_get_socket_cookie((void *)sk);
 		struct conn c = {
 			.opened_ns = bpf_ktime_get_ns(),
+			.netns = netns_inum(sk),
 			.lport = sk->__sk_common.skc_num,
 		};
 		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST) != 0) {
@@ -379,7 +400,7 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 				return 0;
 			}
 		}
-		COUNT(c.lport, opened);
+		COUNT(&c, opened);
 		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
 		return 0;
 	}
@@ -406,7 +427,7 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 
 	if (newstate == TCP_CLOSE_WAIT) {
 		c->flags |= F_PEER_FIN;
-		COUNT(c->lport, peer_fin);
+		COUNT(c, peer_fin);
 		emit(sk, cookie, c->lport, KIND_PEER_FIN, CAUSE_NONE, 0, 0, oldstate, newstate);
 		return 0;
 	}
@@ -432,7 +453,7 @@ int BPF_PROG(on_receive_reset, struct sock *sk)
 	if (!c || (c->flags & F_PEER_RST))
 		return 0;
 	c->flags |= F_PEER_RST;
-	COUNT(c->lport, peer_reset);
+	COUNT(c, peer_reset);
 	__u8 state = sk->__sk_common.skc_state;
 	emit(sk, cookie, c->lport, KIND_PEER_RESET, CAUSE_NONE, 0, 0, state, state);
 	return 0;
@@ -454,7 +475,7 @@ int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, co
 	c->flags |= F_LOCAL_RST;
 	if (reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT))
 		c->flags |= F_KEEPALIVE_RST;
-	COUNT(c->lport, local_reset);
+	COUNT(c, local_reset);
 	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, (__u16)reason, state, state);
 	return 0;
 }
@@ -480,7 +501,7 @@ static __always_inline int retransmit(const struct sock *sk)
 	struct conn *c = lookup(sk, &cookie);
 	if (!c)
 		return 0;
-	COUNT(c->lport, retransmits);
+	COUNT(c, retransmits);
 	__u8 state = sk->__sk_common.skc_state;
 	emit(sk, cookie, c->lport, KIND_RETRANSMIT, CAUSE_NONE, 0, 0, state, state);
 	return 0;

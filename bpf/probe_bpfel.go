@@ -30,9 +30,11 @@ const (
 type probeConn struct {
 	_        structs.HostLayout
 	OpenedNs uint64
+	Netns    uint32
 	Lport    uint16
 	Flags    uint16
 	Err      int32
+	Pad      uint32
 }
 
 type probeCounters struct {
@@ -79,6 +81,13 @@ const (
 	probeKindKIND_LISTENER_CLOSED probeKind = 8
 )
 
+type probePortKey struct {
+	_     structs.HostLayout
+	Netns uint32
+	Port  uint16
+	Pad   uint16
+}
+
 type probeStat uint32
 
 const (
@@ -118,6 +127,7 @@ const (
 	probeVarUnusedCounters      = "unused_counters"
 	probeVarUnusedEvent         = "unused_event"
 	probeVarUnusedKind          = "unused_kind"
+	probeVarUnusedPortKey       = "unused_port_key"
 	probeVarUnusedStat          = "unused_stat"
 	probeVarUnusedWatchKey      = "unused_watch_key"
 	probeVarWakeupBytes         = "wakeup_bytes"
@@ -195,6 +205,7 @@ type probeVariableSpecs struct {
 	UnusedCounters *ebpf.VariableSpec `ebpf:"unused_counters"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
+	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
 	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
 	UnusedWatchKey *ebpf.VariableSpec `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
@@ -247,6 +258,7 @@ type probeVariables struct {
 	UnusedCounters *ebpf.Variable `ebpf:"unused_counters"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
+	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
 	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
 	UnusedWatchKey *ebpf.Variable `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.Variable `ebpf:"wakeup_bytes"`

@@ -328,7 +328,7 @@ func TestPortCountersMatchEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := counters[port]; got != want {
+	if got := counters[probetest.Port(t, pair.Server, port)]; got != want {
 		t.Errorf("port %d counters\n got %+v\nwant %+v (from events)", port, got, want)
 	}
 	st, err := p.Stats()
@@ -498,21 +498,9 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 		waitReadableOrClosed(sc)
 		sc.Close()
 	}
-	var got bpf.PortCounters
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
-		counters, err := p.PortCounters()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got = counters[port]; got.ClosedTotal() == n {
-			break
-		}
-	}
 	want := bpf.PortCounters{Opened: n, PeerReset: n, Errors: n}
 	want.Closed[bpf.CausePeerReset] = n
-	if got != want {
-		t.Errorf("counters\n got %+v\nwant %+v", got, want)
-	}
+	probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, port), func(c bpf.PortCounters) bool { return c == want })
 	st, err := p.Stats()
 	if err != nil {
 		t.Fatal(err)

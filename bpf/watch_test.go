@@ -44,7 +44,7 @@ func TestWatchedOnly(t *testing.T) {
 	// The unwatched port first: once the watched port's events have been
 	// read, any record of the unwatched one would have been read before.
 	other := resetByClient(t, pair, otherLn)
-	waitCounters(t, p, ns, otherPort, func(c bpf.PortCounters) bool { return c.ClosedTotal() == 1 })
+	probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, otherPort), func(c bpf.PortCounters) bool { return c.ClosedTotal() == 1 })
 	watched := resetByClient(t, pair, watchedLn)
 	rec.Wait(t, 5*time.Second, "peer_reset", probetest.Cookie(watched, bpf.KindPeerReset))
 	closed := rec.Wait(t, 5*time.Second, "closed", probetest.Cookie(watched, bpf.KindClosed))
@@ -60,7 +60,7 @@ func TestWatchedOnly(t *testing.T) {
 	for _, port := range []uint16{watchedPort, otherPort} {
 		want := bpf.PortCounters{Opened: 1, PeerReset: 1, Errors: 1}
 		want.Closed[bpf.CausePeerReset] = 1
-		waitCounters(t, p, ns, port, func(c bpf.PortCounters) bool { return c == want })
+		probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, port), func(c bpf.PortCounters) bool { return c == want })
 	}
 
 	// After Unwatch, the port's events stop.
@@ -71,7 +71,7 @@ func TestWatchedOnly(t *testing.T) {
 		t.Fatalf("unwatching twice: %v", err)
 	}
 	late := resetByClient(t, pair, watchedLn)
-	waitCounters(t, p, ns, watchedPort, func(c bpf.PortCounters) bool { return c.ClosedTotal() == 2 })
+	probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, watchedPort), func(c bpf.PortCounters) bool { return c.ClosedTotal() == 2 })
 	if err := p.Watch(ns, otherPort); err != nil {
 		t.Fatal(err)
 	}
@@ -116,20 +116,4 @@ func resetByClient(t *testing.T, pair *testnet.Pair, ln net.Listener) uint64 {
 	cc.(*net.TCPConn).SetLinger(0)
 	cc.Close()
 	return cookie
-}
-
-// waitCounters waits until the counters of a port satisfy ok.
-func waitCounters(t *testing.T, p *bpf.Probe, ns uint64, port uint16, ok func(bpf.PortCounters) bool) {
-	t.Helper()
-	var got bpf.PortCounters
-	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-		counters, err := p.PortCounters()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got = counters[port]; ok(got) {
-			return
-		}
-	}
-	t.Fatalf("port %d counters %+v", port, got)
 }

@@ -88,7 +88,12 @@ struct in6_addr {
 	} in6_u;
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+	unsigned int inum; /* the namespace's inode number, as lsns shows */
+} __attribute__((preserve_access_index));
+
 struct net {
+	struct ns_common ns;
 	__u64 net_cookie;
 } __attribute__((preserve_access_index));
 
