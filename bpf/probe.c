@@ -65,6 +65,7 @@ enum {
 	F_ERR_REPORTED = 1 << 4,
 	F_FINAL = 1 << 5,   /* closed event emitted and counted */
 	F_SEEDED = 1 << 6,  /* inserted by userspace (sock_diag), not seen opening */
+	F_ACTIVE = 1 << 7,  /* a simultaneous open: remembered only to be ignored */
 };
 
 struct conn {
@@ -301,27 +302,50 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 }
 
 /*
+ * timeout_cause tells apart the ways the kernel gives up with ETIMEDOUT, from
+ * what is outstanding when the connection dies (the write queue purge before
+ * the move to TCP_CLOSE leaves the sequence numbers alone):
+ *   - data sent and not acknowledged: the retransmission limit or
+ *     TCP_USER_TIMEOUT (tcp_write_timeout);
+ *   - everything sent is acknowledged but queued data waits for the peer's
+ *     window, with probes out: zero-window probes (tcp_probe_timer, which
+ *     runs only then);
+ *   - nothing sent or queued, with probes out: keepalive probes
+ *     (tcp_keepalive_timer, which runs only then). Linux 6.10+ also names
+ *     the keepalive reset's reason; older kernels are decided the same way.
+ * Not the lifetime retransmission count: one early tail-loss probe would
+ * turn every later zero-window death into a retransmission timeout.
+ */
+static __always_inline __u8 timeout_cause(const struct sock *sk, const struct conn *c)
+{
+	if (c->flags & F_KEEPALIVE_RST)
+		return CAUSE_KEEPALIVE_TIMEOUT;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	if (!tp || tp->snd_nxt != tp->snd_una || tp->inet_conn.icsk_probes_out == 0)
+		return CAUSE_TIMEOUT;
+	if (tp->write_seq != tp->snd_nxt)
+		return CAUSE_PROBE_TIMEOUT;
+	return CAUSE_KEEPALIVE_TIMEOUT;
+}
+
+/*
  * classify decides why a tracked connection ended, from what the probe saw
  * and the socket's pending error. CAUSE_NONE means "not known yet": the
  * kernel sends the RST of an abortive close (unread data, SO_LINGER 0) only
  * after the move to TCP_CLOSE, so such closes are settled at destroy time.
+ * A local RST comes before any other error: a SO_LINGER 0 close sets
+ * ECONNRESET on the socket after sending its RST.
  */
 static __always_inline __u8 classify(const struct sock *sk, const struct conn *c, __s32 err)
 {
 	if (c->flags & F_PEER_RST)
 		return CAUSE_PEER_RESET;
-	if (err == ETIMEDOUT) {
-		if (c->flags & F_KEEPALIVE_RST)
-			return CAUSE_KEEPALIVE_TIMEOUT;
-		struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
-		if (tp && tp->total_retrans == 0 && tp->inet_conn.icsk_probes_out > 0)
-			return CAUSE_PROBE_TIMEOUT;
-		return CAUSE_TIMEOUT;
-	}
-	if (err != 0)
-		return CAUSE_ERROR;
+	if (err == ETIMEDOUT)
+		return timeout_cause(sk, c);
 	if (c->flags & F_LOCAL_RST)
 		return CAUSE_LOCAL_RESET;
+	if (err != 0)
+		return CAUSE_ERROR;
 	return CAUSE_NONE;
 }
 
@@ -345,17 +369,23 @@ static __always_inline void report_error(const struct sock *sk, __u64 cookie, st
 {
 	if ((c->flags & F_ERR_REPORTED) && c->err == err)
 		return;
+	/* The ECONNRESET of this host's own abort (SO_LINGER 0) is no error. */
+	if (err == ECONNRESET && (c->flags & (F_LOCAL_RST | F_PEER_RST)) == F_LOCAL_RST)
+		return;
 	c->flags |= F_ERR_REPORTED;
 	c->err = err;
 	COUNT(c, errors);
 	emit(sk, cookie, c->lport, KIND_ERROR, CAUSE_NONE, err, 0, state, state);
 }
 
+/* lookup returns the tracking entry of a server connection, or NULL. */
 static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
 {
 	*cookie = bpf_get_socket_cookie((void *)sk);
 	struct conn *c = bpf_map_lookup_elem(&conns, cookie);
-	if (c && !c->netns) /* seeded from userspace, which knows the port only */
+	if (!c || (c->flags & F_ACTIVE))
+		return NULL;
+	if (!c->netns) /* seeded from userspace, which knows the port only */
 		c->netns = netns_inum(sk);
 	return c;
 }
@@ -385,6 +415,18 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		return 0;
 
 	__u64 cookie;
+	if (oldstate == TCP_SYN_SENT && newstate == TCP_SYN_RECV) {
+		/*
+		 * A simultaneous open (or a TCP self-connect): an active socket
+		 * that will go SYN_RECV -> ESTABLISHED like a listener's child
+		 * (whose SYN_RECV came from LISTEN). Rare: remember it, so that
+		 * its ESTABLISHED is not taken for a passive open.
+		 */
+		cookie = bpf_get_socket_cookie((void *)sk);
+		struct conn a = { .flags = F_ACTIVE };
+		bpf_map_update_elem(&conns, &cookie, &a, BPF_ANY);
+		return 0;
+	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		/* Passive open: the child socket of a listener completed its handshake. */
 		cookie = bpf_get_socket_cookie((void *)sk);
@@ -395,8 +437,13 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		};
 		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST) != 0) {
 			/* Already tracked (seeded) is fine; anything else is a full map. */
-			if (!bpf_map_lookup_elem(&conns, &cookie)) {
+			struct conn *old = bpf_map_lookup_elem(&conns, &cookie);
+			if (!old) {
 				stat_inc(STAT_TRACK_FULL);
+				return 0;
+			}
+			if (old->flags & F_ACTIVE) {
+				bpf_map_delete_elem(&conns, &cookie);
 				return 0;
 			}
 		}
@@ -528,11 +575,13 @@ int BPF_PROG(on_retransmit_legacy, const struct sock *sk, const struct sk_buff *
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(on_destroy, struct sock *sk)
 {
-	__u64 cookie;
-	struct conn *c = lookup(sk, &cookie);
+	__u64 cookie = bpf_get_socket_cookie((void *)sk);
+	struct conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return 0;
-	if (!(c->flags & F_FINAL)) {
+	if (!(c->flags & (F_FINAL | F_ACTIVE))) {
+		if (!c->netns)
+			c->netns = netns_inum(sk);
 		__s32 err = sk->sk_err;
 		__u8 state = sk->__sk_common.skc_state;
 		finalize(sk, cookie, c, classify(sk, c, err), err, state, state);

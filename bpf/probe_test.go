@@ -33,8 +33,9 @@ var families = []struct {
 
 // env is one test's hosts, probe and recorded events (its own namespace only).
 type env struct {
-	pair *testnet.Pair
-	rec  *probetest.Recorder
+	pair  *testnet.Pair
+	probe *bpf.Probe
+	rec   *probetest.Recorder
 }
 
 func newEnv(t *testing.T) *env {
@@ -45,7 +46,7 @@ func newEnv(t *testing.T) *env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &env{pair: pair, rec: probetest.Record(t, p, probetest.InNetNS(ns))}
+	return &env{pair: pair, probe: p, rec: probetest.Record(t, p, probetest.InNetNS(ns))}
 }
 
 // conn is an accepted server connection and its client.
@@ -269,7 +270,7 @@ func TestPortCountersMatchEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	rec := probetest.Record(t, p, probetest.InNetNS(ns))
-	e := &env{pair: pair, rec: rec}
+	e := &env{pair: pair, probe: p, rec: rec}
 	// A port outside the ephemeral range, used by no other test, so that
 	// parallel packages cannot add to its counters.
 	const port = 24242

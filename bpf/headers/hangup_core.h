@@ -146,6 +146,9 @@ struct mptcp_subflow_context {
 struct tcp_sock {
 	struct inet_connection_sock inet_conn;
 	__u32 total_retrans;
+	__u32 snd_una;   /* first byte the peer has not acknowledged */
+	__u32 snd_nxt;   /* next byte to send */
+	__u32 write_seq; /* end of the data the application queued */
 } __attribute__((preserve_access_index));
 
 #endif /* __HANGUP_CORE_H__ */
