@@ -15,12 +15,19 @@ import (
 // PortCounters are the exact per-port counts kept in the kernel. They count
 // what happened, whether or not the matching event reached userspace.
 type PortCounters struct {
-	Opened      uint64 // passive opens (handshakes completed)
-	PeerFIN     uint64
-	PeerReset   uint64
-	LocalReset  uint64
-	Retransmits uint64 // successful retransmissions
-	Errors      uint64 // distinct socket errors reported
+	Opened     uint64 // passive opens (handshakes completed)
+	PeerFIN    uint64
+	PeerReset  uint64
+	LocalReset uint64
+	// Retransmits counts successful retransmissions as the kernel makes
+	// them, one skb (and one KindRetransmit event) each; an skb may carry
+	// several segments (GSO/TSO).
+	Retransmits uint64
+	// RetransmittedSegments counts the segments of those retransmissions
+	// (tcp_skb_pcount), as the kernel's TcpRetransSegs (nstat) does for a
+	// namespace.
+	RetransmittedSegments uint64
+	Errors                uint64 // distinct socket errors reported
 	// Closed counts closed connections by Cause (index CauseNone is unused).
 	Closed [NumCauses]uint64
 }
@@ -41,6 +48,7 @@ func (c *PortCounters) Add(o *PortCounters) {
 	c.PeerReset += o.PeerReset
 	c.LocalReset += o.LocalReset
 	c.Retransmits += o.Retransmits
+	c.RetransmittedSegments += o.RetransmittedSegments
 	c.Errors += o.Errors
 	for i := range c.Closed {
 		c.Closed[i] += o.Closed[i]
@@ -51,7 +59,7 @@ func (c *PortCounters) Add(o *PortCounters) {
 func (c *PortCounters) add(v *probeCounters) {
 	c.Add(&PortCounters{
 		Opened: v.Opened, PeerFIN: v.PeerFin, PeerReset: v.PeerReset, LocalReset: v.LocalReset,
-		Retransmits: v.Retransmits, Errors: v.Errors, Closed: v.Closed,
+		Retransmits: v.Retransmits, RetransmittedSegments: v.RetransSegs, Errors: v.Errors, Closed: v.Closed,
 	})
 }
 

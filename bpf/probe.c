@@ -115,7 +115,8 @@ struct counters {
 	__u64 peer_fin;
 	__u64 peer_reset;
 	__u64 local_reset;
-	__u64 retransmits;
+	__u64 retransmits;     /* retransmitted skbs: one event each */
+	__u64 retrans_segs;    /* retransmitted segments, as TcpRetransSegs counts them */
 	__u64 errors;
 	__u64 closed[CAUSE_MAX];
 };
@@ -542,13 +543,20 @@ int BPF_PROG(on_error_report, const struct sock *sk)
 	return 0;
 }
 
-static __always_inline int retransmit(const struct sock *sk)
+static __always_inline int retransmit(const struct sock *sk, const struct sk_buff *skb)
 {
 	__u64 cookie;
 	struct conn *c = lookup(sk, &cookie);
 	if (!c)
 		return 0;
-	COUNT(c, retransmits);
+	struct counters *ps = counters_for(c);
+	if (ps) {
+		/* One skb carries tcp_skb_pcount() segments (GSO). */
+		const struct tcp_skb_cb *tcb = (const void *)skb->cb;
+		__u16 segs = BPF_CORE_READ(tcb, tcp_gso_segs);
+		__sync_fetch_and_add(&ps->retransmits, 1);
+		__sync_fetch_and_add(&ps->retrans_segs, segs ? segs : 1);
+	}
 	__u8 state = sk->__sk_common.skc_state;
 	emit(sk, cookie, c->lport, KIND_RETRANSMIT, CAUSE_NONE, 0, 0, state, state);
 	return 0;
@@ -562,14 +570,14 @@ int BPF_PROG(on_retransmit, const struct sock *sk, const struct sk_buff *skb, in
 		stat_inc(STAT_RETRANS_FAILED);
 		return 0;
 	}
-	return retransmit(sk);
+	return retransmit(sk, skb);
 }
 
 /* Linux < 6.17: the tracepoint fires only for successful retransmissions. */
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(on_retransmit_legacy, const struct sock *sk, const struct sk_buff *skb)
 {
-	return retransmit(sk);
+	return retransmit(sk, skb);
 }
 
 SEC("tp_btf/tcp_destroy_sock")

@@ -44,6 +44,7 @@ type probeCounters struct {
 	PeerReset   uint64
 	LocalReset  uint64
 	Retransmits uint64
+	RetransSegs uint64
 	Errors      uint64
 	Closed      [8]uint64
 }

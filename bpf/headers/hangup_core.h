@@ -127,7 +127,22 @@ struct sock {
 	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
-struct sk_buff;
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+
+/* What TCP keeps in skb->cb (TCP_SKB_CB). */
+struct tcp_skb_cb {
+	__u32 seq;
+	__u32 end_seq;
+	union {
+		struct {
+			__u16 tcp_gso_segs; /* tcp_skb_pcount() */
+			__u16 tcp_gso_size;
+		};
+		__u32 tcp_tw_isn;
+	};
+} __attribute__((preserve_access_index));
 
 struct inet_sock {
 	struct sock sk;
