@@ -100,7 +100,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		c.log.Error("reading per-port counters", "err", err)
 		ch <- prometheus.NewInvalidMetric(c.opened, err)
 	} else {
-		for port, pc := range c.group(ports) {
+		for port, pc := range c.group(sumNamespaces(ports)) {
 			counter(c.opened, pc.Opened, port)
 			for _, cause := range bpf.Causes() {
 				counter(c.closed, pc.Closed[cause], port, cause.String())
@@ -142,6 +142,18 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	gauge(c.listeners, float64(nl))
 	version, revision := buildVersion()
 	gauge(c.buildInfo, 1, version, revision, goVersion())
+}
+
+// sumNamespaces adds up each port's counters over network namespaces.
+// TODO(agent): a namespace label instead (issue 8).
+func sumNamespaces(keyed map[bpf.PortKey]bpf.PortCounters) map[uint16]bpf.PortCounters {
+	ports := make(map[uint16]bpf.PortCounters, len(keyed))
+	for k, pc := range keyed {
+		sum := ports[k.Port]
+		sum.Add(&pc)
+		ports[k.Port] = sum
+	}
+	return ports
 }
 
 // group maps the kernel's per-port counters to port label values: ports

@@ -15,6 +15,8 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/hangup-io/hangup/internal/testnet"
 )
 
 func TestLoadWithoutBTF(t *testing.T) {
@@ -40,7 +42,7 @@ func TestLoadWithGarbageBTF(t *testing.T) {
 func TestMissingTracepointNamesHook(t *testing.T) {
 	kernel, err := kernelTypes(kernelBTFPath)
 	if err != nil {
-		t.Skipf("no kernel BTF: %v", err)
+		testnet.SkipOrFail(t, "no kernel BTF: %v", err)
 	}
 	_, err = tracepointArgs(kernel, "no_such_tracepoint")
 	if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "no_such_tracepoint") {

@@ -34,6 +34,12 @@ type Options struct {
 	// Events that say a client is gone (FIN, RST, errors, abnormal closes)
 	// are returned at once regardless. Zero means 10ms.
 	FlushInterval time.Duration
+	// WatchedOnly narrows the events to what a server that loads its own
+	// probe needs: only connections whose (network namespace cookie, local
+	// port) was added with Watch, and only the kinds that say a client is
+	// gone (KindPeerFIN, KindPeerReset, KindError, and KindClosed with a
+	// cause other than CauseNormal). Counters still count every connection.
+	WatchedOnly bool
 }
 
 const (
@@ -61,8 +67,9 @@ type Probe struct {
 	rec   ringbuf.Record
 	clock wallClock
 
-	flush    time.Duration
-	deadline atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
+	flush       time.Duration
+	watchedOnly bool
+	deadline    atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
 
 	closeOnce sync.Once
 	closeErr  error
@@ -103,11 +110,16 @@ func load(opts Options, btfPath string) (_ *Probe, err error) {
 	if err := spec.Variables[probeVarWakeupBytes].Set(uint64(ring / 4)); err != nil {
 		return nil, fmt.Errorf("setting wakeup threshold: %w", err)
 	}
+	if opts.WatchedOnly {
+		if err := spec.Variables[probeVarWatchedOnly].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("setting watched-only mode: %w", err)
+		}
+	}
 	if opts.FlushInterval < 0 {
 		return nil, fmt.Errorf("FlushInterval must not be negative, got %s", opts.FlushInterval)
 	}
 
-	p := &Probe{flush: opts.FlushInterval}
+	p := &Probe{flush: opts.FlushInterval, watchedOnly: opts.WatchedOnly}
 	if p.flush == 0 {
 		p.flush = defaultFlushInterval
 	}
