@@ -67,8 +67,13 @@ type Config struct {
 	// QueueLen bounds each subscriber's event queue, which grows with use
 	// up to it; events beyond it are dropped and counted. Zero means 4096.
 	QueueLen int
-	// MaxPorts caps the port label values of per-port metrics; the other
-	// ports are summed under port="other". Zero means 100.
+	// MaxNamespaces caps the netns label values of per-port metrics; the
+	// other namespaces are summed under netns="other" (and port="other").
+	// Zero means 250.
+	MaxNamespaces int
+	// MaxPorts caps the port label values of per-port metrics, per
+	// namespace; the other ports are summed under port="other". Zero means
+	// 100.
 	MaxPorts int
 	// HelloTimeout is how long a new session may take to say Hello. Zero
 	// means 5s.
@@ -102,6 +107,8 @@ type Agent struct {
 
 	dirty []*subscriber // pipeline goroutine only: subscribers to flush
 
+	nsInfo nsInfoCache
+
 	mu      sync.Mutex
 	subs    map[*subscriber]struct{}
 	users   map[uint32]*account
@@ -120,6 +127,7 @@ const (
 	defaultSeedRate       = 2
 	defaultQueueLen       = 4096
 	defaultMaxPorts       = 100
+	defaultMaxNamespaces  = 250
 	defaultHelloTimeout   = 5 * time.Second
 	defaultStallTimeout   = 30 * time.Second
 )
@@ -140,6 +148,7 @@ func New(cfg Config) (*Agent, error) {
 	cfg.SeedRate = cmpOr(cfg.SeedRate, defaultSeedRate)
 	cfg.QueueLen = cmpOr(cfg.QueueLen, defaultQueueLen)
 	cfg.MaxPorts = cmpOr(cfg.MaxPorts, defaultMaxPorts)
+	cfg.MaxNamespaces = cmpOr(cfg.MaxNamespaces, defaultMaxNamespaces)
 	cfg.HelloTimeout = cmpOr(cfg.HelloTimeout, defaultHelloTimeout)
 	cfg.StallTimeout = cmpOr(cfg.StallTimeout, defaultStallTimeout)
 	log := cfg.Logger
@@ -238,7 +247,8 @@ func lookupGroup(name string) (int, error) {
 // SocketPath returns the subscriber socket's path.
 func (a *Agent) SocketPath() string { return a.path }
 
-// Run seeds the connection table from sock_diag, serves subscribers and
+// Run seeds the connection table from sock_diag in every network namespace
+// of the host (see listNamespaces), serves subscribers and
 // reads events until ctx ends or the source fails. On return every session
 // has ended, the socket file is removed and the source is closed; stop
 // scraping Collector before Run returns. It returns
@@ -249,7 +259,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop() }()
 	if !a.cfg.NoSeed {
-		n, err := a.seedHost()
+		n, err := a.seedAll()
 		if err != nil {
 			a.log.Warn("seeding connections that existed before start", "err", err)
 		} else {

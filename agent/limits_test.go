@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -41,8 +42,23 @@ func TestMain(m *testing.M) {
 		fmt.Println("ok")
 		os.Exit(0)
 	}
+	if addr := os.Getenv(listenEnv); addr != "" {
+		ln, err := net.Listen("tcp4", addr)
+		if err != nil {
+			fmt.Println(err)
+			os.Exit(1)
+		}
+		fmt.Println("ready")
+		io.Copy(io.Discard, os.Stdin) // until the test closes it
+		ln.Close()
+		os.Exit(0)
+	}
 	os.Exit(m.Run())
 }
+
+// listenEnv makes the test binary a server that listens on the address it
+// names until its stdin closes (see TestMain).
+const listenEnv = "HANGUP_TEST_LISTEN"
 
 // dialAs dials the agent from a process running as uid and gid.
 func dialAs(t *testing.T, a *Agent, uid, gid uint32) string {

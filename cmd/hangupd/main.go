@@ -50,6 +50,7 @@ type options struct {
 	seedRate       float64
 	queueLen       int
 	maxPorts       int
+	maxNamespaces  int
 	stallTimeout   time.Duration
 	noSeed         bool
 	version        bool
@@ -75,7 +76,8 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.IntVar(&o.seedBurst, "seed.burst", 0, "listener registrations (each a sock_diag scan) one user may make at once (0: 16)")
 	fs.Float64Var(&o.seedRate, "seed.rate", 0, "listener registrations per second one user may make after the burst (0: 2)")
 	fs.DurationVar(&o.stallTimeout, "subscribers.stall-timeout", 0, "disconnect a subscriber that stopped reading for this long (0: 30s)")
-	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values before port=\"other\" (0: 100)")
+	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values per network namespace before port=\"other\" (0: 100)")
+	fs.IntVar(&o.maxNamespaces, "metrics.max-namespaces", 0, "distinct netns label values before netns=\"other\" (0: 250)")
 	fs.BoolVar(&o.noSeed, "seed.disable", false, "do not look for connections that existed before start (sock_diag)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -145,6 +147,7 @@ func run(args []string, logOut io.Writer) error {
 		SeedRate:              o.seedRate,
 		QueueLen:              o.queueLen,
 		MaxPorts:              o.maxPorts,
+		MaxNamespaces:         o.maxNamespaces,
 		StallTimeout:          o.stallTimeout,
 		NoSeed:                o.noSeed,
 	})
