@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -29,6 +30,7 @@ import (
 
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/wire"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -319,7 +321,80 @@ func (a *Agent) reconcileLoop(stop <-chan struct{}) {
 		} else if n > 0 {
 			a.log.Info("removed connections whose close event was lost", "connections", n)
 		}
+		if n, err := a.reconcileRoutes(); err != nil {
+			a.log.Warn("checking registered listeners after lost events", "err", err)
+		} else if n > 0 {
+			a.log.Info("removed routes of listeners whose close event was lost", "listeners", n)
+		}
 	}
+}
+
+// reconcileRoutes removes the routes of registered listeners that no
+// longer listen, whose close event may have been lost: it looks at the
+// listening sockets of every namespace that has routes. A route whose
+// namespace it cannot find is kept. An MPTCP listener is known to sock_diag
+// only by its TCP subflow, whose cookie the agent does not learn: it counts
+// as listening while some socket listens on its address and port.
+func (a *Agent) reconcileRoutes() (int, error) {
+	a.routes.mu.RLock()
+	byNS := make(map[uint64][]listenerInfo) // by netns cookie
+	for k, ls := range a.routes.byKey {
+		for _, l := range ls {
+			byNS[k.netns] = append(byNS[k.netns], l.info)
+		}
+	}
+	a.routes.mu.RUnlock()
+	if len(byNS) == 0 {
+		return 0, nil
+	}
+	spaces, err := listNamespaces(procRoot, runNetns)
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	for _, r := range spaces {
+		var (
+			infos []listenerInfo
+			socks []diagSocket
+		)
+		err := inNetNS(r.path, func() error {
+			ns, err := currentNetNSCookie()
+			if err != nil || len(byNS[ns]) == 0 {
+				return err
+			}
+			infos = byNS[ns]
+			delete(byNS, ns)
+			h, err := netlink.NewHandle(unix.NETLINK_INET_DIAG)
+			if err != nil {
+				return err
+			}
+			defer h.Close()
+			socks, err = dumpTCP(h)
+			return err
+		})
+		if err != nil || infos == nil {
+			continue
+		}
+		cookies, addrs := make(map[uint64]bool), make(map[netip.AddrPort]bool)
+		for _, s := range socks {
+			if s.state == tcpListen {
+				cookies[s.cookie], addrs[s.local] = true, true
+			}
+		}
+		for _, li := range infos {
+			if cookies[li.cookie] || li.mptcp && addrs[li.addr] {
+				continue
+			}
+			for _, l := range a.routes.removeClosed(li.cookie, monoNow()) {
+				l.sub.forget(l)
+				removed++
+			}
+		}
+		if len(byNS) == 0 {
+			break
+		}
+	}
+	return removed, nil
 }
 
 // reconcile keeps only the table entries the probe still tracks.

@@ -242,3 +242,40 @@ func TestRegisterShutdownRace(t *testing.T) {
 		}
 	}
 }
+
+// A listener whose close event was lost (a full ring buffer) loses its
+// route when the agent reconciles after the loss; a live one keeps it.
+func TestReconcileRoutes(t *testing.T) {
+	testnet.RequireRoot(t)
+	src := newFakeSource()
+	a := startAgent(t, Config{Source: src, NoSeed: true})
+	gone, live := hostListener(t), hostListener(t)
+	// Go listens with MPTCP where it can: one plain TCP listener too.
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	plain, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := subscribe(t, a, "lost close")
+	for _, ln := range []net.Listener{gone, live, plain} {
+		if _, err := c.Register(context.Background(), ln.(*net.TCPListener)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	gone.Close() // and no listener_closed event reaches the agent
+	plain.Close()
+	n, err := a.reconcileRoutes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	routed := func(ln net.Listener) bool {
+		ns, _ := currentNetNSCookie()
+		a.routes.mu.RLock()
+		defer a.routes.mu.RUnlock()
+		return len(a.routes.byKey[connKey{netns: ns, port: uint16(port(ln))}]) > 0
+	}
+	if n != 2 || routed(gone) || routed(plain) || !routed(live) {
+		t.Errorf("reconcile removed %d routes; closed listeners routed %v %v, live one %v", n, routed(gone), routed(plain), routed(live))
+	}
+}

@@ -49,7 +49,6 @@ func NewConn(uc *net.UnixConn) *Conn {
 	c := &Conn{
 		uc:   uc,
 		rc:   rc,
-		rbuf: make([]byte, MaxPacketSize+1),
 		oob:  make([]byte, unix.CmsgSpace(maxFDs*4)),
 		wbuf: make([]byte, 0, MaxFrameSize),
 	}
@@ -95,6 +94,14 @@ func (c *Conn) ReadFrame(f *Frame) (fd int, err error) {
 		c.rest = b[n:]
 		return -1, nil
 	}
+	if c.rbuf == nil {
+		// One byte more than the largest packet, to tell one too large.
+		size := MaxPacketSize
+		if c.one {
+			size = MaxFrameSize
+		}
+		c.rbuf = make([]byte, size+1)
+	}
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(c.rbuf, c.oob)
 	if err != nil {
 		return -1, err
@@ -111,9 +118,9 @@ func (c *Conn) ReadFrame(f *Frame) (fd int, err error) {
 	case perr != nil:
 		closeAll()
 		return -1, fmt.Errorf("%w: control message: %w", ErrMalformed, perr)
-	case flags&unix.MSG_TRUNC != 0 || n > MaxPacketSize:
+	case flags&unix.MSG_TRUNC != 0 || n >= len(c.rbuf):
 		closeAll()
-		return -1, fmt.Errorf("%w: a packet of more than %d bytes", ErrTooLarge, MaxPacketSize)
+		return -1, fmt.Errorf("%w: a packet of more than %d bytes", ErrTooLarge, len(c.rbuf)-1)
 	case flags&unix.MSG_CTRUNC != 0:
 		closeAll()
 		return -1, fmt.Errorf("%w: more than %d descriptors", ErrUnexpectedFD, maxFDs)
