@@ -241,7 +241,7 @@ func (s *subscriber) failed(err error) {
 	} else {
 		s.log.Warn("writing to subscriber", "err", err)
 	}
-	go s.shutdown() // never from under omu: shutdown closes the socket
+	s.shutdown() // takes no lock of the outbox: callable under omu
 }
 
 // reply hands a frame to the writer; it waits while the peer does not read
