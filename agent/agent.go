@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -140,6 +141,17 @@ const (
 func New(cfg Config) (*Agent, error) {
 	if cfg.Source == nil {
 		return nil, errors.New("agent: Config.Source is nil")
+	}
+	for name, v := range map[string]float64{
+		"MaxSubscribers": float64(cfg.MaxSubscribers), "MaxSubscribersPerUser": float64(cfg.MaxSubscribersPerUser),
+		"MaxListeners": float64(cfg.MaxListeners), "MaxListenersPerUser": float64(cfg.MaxListenersPerUser),
+		"SeedBurst": float64(cfg.SeedBurst), "SeedRate": cfg.SeedRate, "QueueLen": float64(cfg.QueueLen),
+		"MaxPorts": float64(cfg.MaxPorts), "MaxNamespaces": float64(cfg.MaxNamespaces),
+		"HelloTimeout": float64(cfg.HelloTimeout), "StallTimeout": float64(cfg.StallTimeout),
+	} {
+		if v < 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+			return nil, fmt.Errorf("agent: Config.%s is %v; want zero (the default) or more", name, v)
+		}
 	}
 	cfg.SocketPath = cmpOr(cfg.SocketPath, wire.DefaultSocketPath)
 	cfg.MaxSubscribers = cmpOr(cfg.MaxSubscribers, defaultMaxSubscribers)

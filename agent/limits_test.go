@@ -231,3 +231,17 @@ func TestQueueGrows(t *testing.T) {
 		t.Errorf("a drained queue keeps %d entries", len(q.buf))
 	}
 }
+
+// Negative limits are configuration errors, not endless loops.
+func TestConfigRejectsNegative(t *testing.T) {
+	for _, cfg := range []Config{
+		{SeedRate: -1}, {SeedBurst: -1}, {MaxSubscribersPerUser: -3}, {QueueLen: -1}, {StallTimeout: -time.Second},
+	} {
+		cfg.Source = newFakeSource()
+		cfg.SocketPath = shortPath(t)
+		if a, err := New(cfg); err == nil {
+			a.Close()
+			t.Errorf("New(%+v) accepted a negative value", cfg)
+		}
+	}
+}
