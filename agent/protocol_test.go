@@ -100,3 +100,35 @@ func growPayload(b []byte, v uint8, extra int) []byte {
 	binary.LittleEndian.PutUint16(b[6:], uint16(len(b)-wire.HeaderSize))
 	return b
 }
+
+// A client that asks for some event kinds gets those only.
+func TestKindFilter(t *testing.T) {
+	src := newFakeSource()
+	a := startAgent(t, Config{Source: src, NoSeed: true})
+	ln := hostListener(t)
+	log := newEventLog()
+	ctx := context.Background()
+	c, err := wire.Dial(ctx, a.SocketPath(), wire.ClientConfig{Name: "filtered", OnEvent: log.add,
+		Kinds: wire.KindMask(wire.KindPeerReset, wire.KindClosed)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, err := c.Register(ctx, ln.(*net.TCPListener)); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []bpf.Kind{bpf.KindOpened, bpf.KindRetransmit, bpf.KindPeerFIN, bpf.KindPeerReset, bpf.KindClosed} {
+		src.ch <- hostEvent(t, ln, 1, k)
+	}
+	src.ch <- hostEvent(t, ln, 2, bpf.KindPeerReset) // a marker: the rest came before it
+	log.wait(t, "marker", cookieKind(2, bpf.KindPeerReset))
+	var got []bpf.Kind
+	for _, e := range log.all() {
+		if e.Cookie == 1 {
+			got = append(got, bpf.Kind(e.Kind))
+		}
+	}
+	if len(got) != 2 || got[0] != bpf.KindPeerReset || got[1] != bpf.KindClosed {
+		t.Errorf("filtered subscriber got %v, want [peer_reset closed]", got)
+	}
+}

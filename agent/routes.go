@@ -175,6 +175,9 @@ func (r *routes) deliver(e *bpf.Event, dirty []*subscriber) (_ []*subscriber, no
 		if !l.info.matches(e.Local.Addr()) {
 			continue
 		}
+		if k := l.sub.kinds.Load(); k != 0 && k&(1<<e.Kind) == 0 {
+			continue // the subscriber does not want this kind
+		}
 		we.Listener = l.id
 		want := l.sub.enqueue(&we, u)
 		now = now || want == flushNow

@@ -35,7 +35,8 @@ type subscriber struct {
 	name      string
 	listeners []*listener
 
-	dirty bool // pipeline goroutine only: in Agent.dirty
+	dirty bool          // pipeline goroutine only: in Agent.dirty
+	kinds atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -113,6 +114,7 @@ func (s *subscriber) serve() string {
 			h.MinVersion, h.MaxVersion, wire.MinVersion, wire.MaxVersion))
 	}
 	s.setPeer(v, int(h.MaxPacket))
+	s.kinds.Store(h.Kinds)
 	s.mu.Lock()
 	s.name = f.Hello.Name
 	s.mu.Unlock()

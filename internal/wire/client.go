@@ -34,6 +34,11 @@ type ClientConfig struct {
 	// OnDropped is called, on the reader goroutine, when the agent reports
 	// that it dropped events for this client. Nil ignores the notices.
 	OnDropped func(Dropped)
+	// Kinds limits the events the agent sends to these kinds (KindMask);
+	// zero means every kind. A server that only needs to know that clients
+	// are gone asks for KindPeerFIN, KindPeerReset, KindError and
+	// KindClosed, and the agent does not spend a write on the others.
+	Kinds uint32
 }
 
 // Client is a session with the agent. Its methods are safe for concurrent
@@ -111,6 +116,7 @@ func (c *Client) handshake(ctx context.Context) error {
 	hello := Frame{Type: TypeHello, Version: MinVersion, Hello: Hello{
 		PID: uint32(os.Getpid()), Name: c.cfg.Name,
 		MinVersion: MinVersion, MaxVersion: MaxVersion, MaxPacket: MaxPacketSize,
+		Kinds: c.cfg.Kinds,
 	}}
 	if err := c.conn.WriteFrame(&hello, -1); err != nil {
 		return ctxErr(ctx, fmt.Errorf("sending hello: %w", err))

@@ -40,6 +40,7 @@ func Append(b []byte, f *Frame) ([]byte, error) {
 		o := 4 + MaxNameLen
 		p[o], p[o+1] = hl.MinVersion, hl.MaxVersion
 		le.PutUint16(p[o+2:], hl.MaxPacket)
+		le.PutUint32(p[o+4:], hl.Kinds)
 	case TypeWelcome:
 		w := &f.Welcome
 		le.PutUint32(p[0:], w.AgentPID)
@@ -203,6 +204,7 @@ func Decode(b []byte, nfds int, f *Frame) error {
 		o := 4 + MaxNameLen
 		h.MinVersion, h.MaxVersion = p[o], p[o+1]
 		h.MaxPacket = le.Uint16(p[o+2:])
+		h.Kinds = le.Uint32(p[o+4:])
 		if err == nil && (h.MinVersion == 0 || h.MinVersion > h.MaxVersion) {
 			err = fmt.Errorf("%w: version range %d to %d", ErrMalformed, h.MinVersion, h.MaxVersion)
 		}

@@ -177,9 +177,24 @@ type Hello struct {
 	// events into packets of at most this size. Below HeaderSize+the event
 	// payload (e.g. 0) it means one frame per packet.
 	MaxPacket uint16
+	// Kinds are the event kinds the client wants, bit 1<<kind each (see
+	// KindMask); zero means every kind. The agent sends no other events
+	// and spends nothing on them.
+	Kinds uint32
 }
 
-const helloSize = 4 + MaxNameLen + 1 + 1 + 2
+const helloSize = 4 + MaxNameLen + 1 + 1 + 2 + 4
+
+// KindMask is the Hello.Kinds value that asks for the given kinds.
+func KindMask(kinds ...uint8) uint32 {
+	var m uint32
+	for _, k := range kinds {
+		if k < 32 {
+			m |= 1 << k
+		}
+	}
+	return m
+}
 
 // Welcome answers Hello (agent to client) with the agent's limits. It is
 // written in the protocol version the agent picked for the session (see

@@ -14,7 +14,7 @@ import (
 
 func sampleFrames() []Frame {
 	fs := []Frame{
-		{Type: TypeHello, Version: 2, Hello: Hello{PID: 42, Name: "api-server", MinVersion: 2, MaxVersion: 2, MaxPacket: MaxPacketSize}},
+		{Type: TypeHello, Version: 2, Hello: Hello{PID: 42, Name: "api-server", MinVersion: 2, MaxVersion: 2, MaxPacket: MaxPacketSize, Kinds: KindMask(KindPeerFIN, KindClosed)}},
 		{Type: TypeWelcome, Welcome: Welcome{AgentPID: 7, SubscriberID: 3, MaxListeners: 64, QueueLen: 4096}},
 		{Type: TypeRegister, FD: true, Register: Register{Request: 9}},
 		{Type: TypeRegistered, Registered: Registered{Request: 9, Listener: 12, NetNS: 4096,
