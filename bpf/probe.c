@@ -538,8 +538,22 @@ int BPF_PROG(on_error_report, const struct sock *sk)
 	if (!c)
 		return 0;
 	__s32 err = sk->sk_err;
+	__u8 state = sk->__sk_common.skc_state;
 	if (err != 0)
-		report_error(sk, cookie, c, err, sk->__sk_common.skc_state);
+		report_error(sk, cookie, c, err, state);
+	/*
+	 * Since Linux 6.10 the kernel reports a fatal error after the move to
+	 * TCP_CLOSE. Settle the close here too: the kernel skips a program
+	 * that is already running on the CPU, so the state change's own run
+	 * is lost whenever the death (a timer softirq) interrupted
+	 * on_set_state in process context, and only the socket's destruction,
+	 * when the application closes it, would tell.
+	 */
+	if (state == TCP_CLOSE && !(c->flags & F_FINAL)) {
+		__u8 cause = classify(sk, c, err);
+		if (cause != CAUSE_NONE)
+			finalize(sk, cookie, c, cause, err, state, state);
+	}
 	return 0;
 }
 
@@ -590,7 +604,10 @@ int BPF_PROG(on_destroy, struct sock *sk)
 	if (!(c->flags & (F_FINAL | F_ACTIVE))) {
 		if (!c->netns)
 			c->netns = netns_inum(sk);
+		/* The application may have read (and so cleared) the error. */
 		__s32 err = sk->sk_err;
+		if (err == 0 && (c->flags & F_ERR_REPORTED))
+			err = c->err;
 		__u8 state = sk->__sk_common.skc_state;
 		finalize(sk, cookie, c, classify(sk, c, err), err, state, state);
 	}
