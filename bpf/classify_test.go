@@ -19,7 +19,13 @@ import (
 // (HAProxy's nolinger, nginx's reset_timedout_connection) aborts the
 // connection itself; the ECONNRESET the kernel then sets is no error.
 func TestLingerZeroCloseIsLocalReset(t *testing.T) {
-	e := newEnv(t)
+	for _, l := range loaders {
+		t.Run(l.name, func(t *testing.T) { lingerZeroClose(t, l.load) })
+	}
+}
+
+func lingerZeroClose(t *testing.T, load func(bpf.Options) (*bpf.Probe, error)) {
+	e := newEnvWith(t, load)
 	ln, err := e.pair.Server.Listen("tcp4", testnet.ServerAddr4.String()+":0")
 	if err != nil {
 		t.Fatal(err)

@@ -102,6 +102,11 @@ type Stats struct {
 	TrackFull        uint64 // passive connections not tracked: MaxConnections reached
 	PortsFull        uint64 // counter updates dropped: the (namespace, port) table's 65536 entries are full
 	RetransmitFailed uint64 // failed retransmission attempts (not counted as retransmissions)
+	// HookMisses counts hook runs the kernel skipped because the same
+	// program was already running on that CPU (HookStats.Missed, summed).
+	// The probe settles a close from more than one hook so that a skipped
+	// run delays nothing, but a skipped count is lost. Linux 5.12+.
+	HookMisses uint64
 }
 
 // Stats reads the probe's health counters, summed over CPUs.
@@ -116,7 +121,14 @@ func (p *Probe) Stats() (Stats, error) {
 			vals[i] += v
 		}
 	}
+	var misses uint64
+	for _, prog := range p.progs {
+		if st, err := prog.Stats(); err == nil {
+			misses += st.RecursionMisses
+		}
+	}
 	return Stats{
+		HookMisses:       misses,
 		Events:           vals[probeStatSTAT_EVENTS],
 		Lost:             vals[probeStatSTAT_LOST],
 		TrackFull:        vals[probeStatSTAT_TRACK_FULL],
@@ -176,6 +188,10 @@ type HookStats struct {
 	Hook     string        // tracepoint name
 	RunCount uint64        // invocations
 	RunTime  time.Duration // total time spent in the program
+	// Missed counts invocations the kernel skipped because the program
+	// was already running on the same CPU (a softirq interrupting it):
+	// events and counts of those invocations are lost.
+	Missed uint64
 }
 
 // PerRun is the average time of one invocation (0 if it never ran).
@@ -195,7 +211,7 @@ func (p *Probe) HookStats() ([]HookStats, error) {
 		if err != nil {
 			return nil, fmt.Errorf("reading stats of %s: %w", p.hooks[i], err)
 		}
-		out = append(out, HookStats{Hook: p.hooks[i], RunCount: st.RunCount, RunTime: st.Runtime})
+		out = append(out, HookStats{Hook: p.hooks[i], RunCount: st.RunCount, RunTime: st.Runtime, Missed: st.RecursionMisses})
 	}
 	return out, nil
 }

@@ -20,7 +20,7 @@ import (
 )
 
 func TestLoadWithoutBTF(t *testing.T) {
-	_, err := load(Options{}, filepath.Join(t.TempDir(), "no-such-vmlinux"))
+	_, err := load(Options{}, filepath.Join(t.TempDir(), "no-such-vmlinux"), selectHooks)
 	if !errors.Is(err, ErrNotSupported) {
 		t.Fatalf("err = %v, want ErrNotSupported", err)
 	}
@@ -34,7 +34,7 @@ func TestLoadWithGarbageBTF(t *testing.T) {
 	if err := os.WriteFile(path, []byte("this is not BTF"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := load(Options{}, path); !errors.Is(err, ErrNotSupported) {
+	if _, err := load(Options{}, path, selectHooks); !errors.Is(err, ErrNotSupported) {
 		t.Fatalf("err = %v, want ErrNotSupported", err)
 	}
 }

@@ -507,8 +507,7 @@ int BPF_PROG(on_receive_reset, struct sock *sk)
 	return 0;
 }
 
-SEC("tp_btf/tcp_send_reset")
-int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
+static __always_inline int local_reset(const struct sock *sk, __u16 reason, bool keepalive)
 {
 	if (!sk)
 		return 0;
@@ -521,11 +520,29 @@ int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, co
 	if (!c)
 		return 0;
 	c->flags |= F_LOCAL_RST;
-	if (reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT))
+	if (keepalive)
 		c->flags |= F_KEEPALIVE_RST;
 	COUNT(c, local_reset);
-	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, (__u16)reason, state, state);
+	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, reason, state, state);
 	return 0;
+}
+
+/* Linux >= 6.10: the tracepoint says why (enum sk_rst_reason). */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
+{
+	return local_reset(sk, (__u16)reason,
+			   reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT));
+}
+
+/*
+ * Linux < 6.10: no reason; a keepalive timeout is recognised at death from
+ * what is outstanding (timeout_cause).
+ */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(on_send_reset_legacy, const struct sock *sk, const struct sk_buff *skb)
+{
+	return local_reset(sk, 0, false);
 }
 
 SEC("tp_btf/inet_sk_error_report")
@@ -538,8 +555,22 @@ int BPF_PROG(on_error_report, const struct sock *sk)
 	if (!c)
 		return 0;
 	__s32 err = sk->sk_err;
+	__u8 state = sk->__sk_common.skc_state;
 	if (err != 0)
-		report_error(sk, cookie, c, err, sk->__sk_common.skc_state);
+		report_error(sk, cookie, c, err, state);
+	/*
+	 * Newer kernels (tcp_done_with_error) report a fatal error after the move to
+	 * TCP_CLOSE. Settle the close here too: the kernel skips a program
+	 * that is already running on the CPU, so the state change's own run
+	 * is lost whenever the death (a timer softirq) interrupted
+	 * on_set_state in process context, and only the socket's destruction,
+	 * when the application closes it, would tell.
+	 */
+	if (state == TCP_CLOSE && !(c->flags & F_FINAL)) {
+		__u8 cause = classify(sk, c, err);
+		if (cause != CAUSE_NONE)
+			finalize(sk, cookie, c, cause, err, state, state);
+	}
 	return 0;
 }
 
@@ -590,7 +621,10 @@ int BPF_PROG(on_destroy, struct sock *sk)
 	if (!(c->flags & (F_FINAL | F_ACTIVE))) {
 		if (!c->netns)
 			c->netns = netns_inum(sk);
+		/* The application may have read (and so cleared) the error. */
 		__s32 err = sk->sk_err;
+		if (err == 0 && (c->flags & F_ERR_REPORTED))
+			err = c->err;
 		__u8 state = sk->__sk_common.skc_state;
 		finalize(sk, cookie, c, classify(sk, c, err), err, state, state);
 	}

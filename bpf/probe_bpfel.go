@@ -122,6 +122,7 @@ const (
 	probeProgOnRetransmit       = "on_retransmit"
 	probeProgOnRetransmitLegacy = "on_retransmit_legacy"
 	probeProgOnSendReset        = "on_send_reset"
+	probeProgOnSendResetLegacy  = "on_send_reset_legacy"
 	probeProgOnSetState         = "on_set_state"
 	probeVarUnusedCause         = "unused_cause"
 	probeVarUnusedConn          = "unused_conn"
@@ -183,6 +184,7 @@ type probeProgramSpecs struct {
 	OnRetransmit       *ebpf.ProgramSpec `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.ProgramSpec `ebpf:"on_retransmit_legacy"`
 	OnSendReset        *ebpf.ProgramSpec `ebpf:"on_send_reset"`
+	OnSendResetLegacy  *ebpf.ProgramSpec `ebpf:"on_send_reset_legacy"`
 	OnSetState         *ebpf.ProgramSpec `ebpf:"on_set_state"`
 }
 
@@ -276,6 +278,7 @@ type probePrograms struct {
 	OnRetransmit       *ebpf.Program `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.Program `ebpf:"on_retransmit_legacy"`
 	OnSendReset        *ebpf.Program `ebpf:"on_send_reset"`
+	OnSendResetLegacy  *ebpf.Program `ebpf:"on_send_reset_legacy"`
 	OnSetState         *ebpf.Program `ebpf:"on_set_state"`
 }
 
@@ -287,6 +290,7 @@ func (p *probePrograms) Close() error {
 		p.OnRetransmit,
 		p.OnRetransmitLegacy,
 		p.OnSendReset,
+		p.OnSendResetLegacy,
 		p.OnSetState,
 	)
 }

@@ -117,3 +117,26 @@ func resetByClient(t *testing.T, pair *testnet.Pair, ln net.Listener) uint64 {
 	cc.Close()
 	return cookie
 }
+
+// TestCountersPerNamespace: the same port in two namespaces has two sets of
+// counters, keyed by each namespace's inode.
+func TestCountersPerNamespace(t *testing.T) {
+	a, b := testnet.NewPair(t), testnet.NewPair(t)
+	p := probetest.Load(t, bpf.Options{})
+	const port = 24244
+	for i, pair := range []*testnet.Pair{a, b} {
+		ln, err := pair.Server.Listen("tcp4", net.JoinHostPort(testnet.ServerAddr4.String(), "24244"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		for range i + 1 {
+			resetByClient(t, pair, ln)
+		}
+	}
+	for i, pair := range []*testnet.Pair{a, b} {
+		want := bpf.PortCounters{Opened: uint64(i + 1), PeerReset: uint64(i + 1), Errors: uint64(i + 1)}
+		want.Closed[bpf.CausePeerReset] = uint64(i + 1)
+		probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, port), func(c bpf.PortCounters) bool { return c == want })
+	}
+}

@@ -21,7 +21,14 @@ import (
 // is skipped, or fails under HANGUP_REQUIRE_BPF=1. Any other error fails.
 func Load(t testing.TB, opts bpf.Options) *bpf.Probe {
 	t.Helper()
-	p, err := bpf.Load(opts)
+	return LoadWith(t, bpf.Load, opts)
+}
+
+// LoadWith is Load with another loader, such as one that picks other
+// program variants.
+func LoadWith(t testing.TB, load func(bpf.Options) (*bpf.Probe, error), opts bpf.Options) *bpf.Probe {
+	t.Helper()
+	p, err := load(opts)
 	switch {
 	case errors.Is(err, bpf.ErrPermission), errors.Is(err, bpf.ErrNotSupported):
 		testnet.SkipOrFail(t, "cannot load the BPF probe: %v", err)
