@@ -3,11 +3,14 @@
 // events of the listeners it registered over a unix socket, and exports the
 // probe's exact per-port counts as Prometheus metrics.
 //
-// One event's path: Source.ReadInto (the probe's ring buffer) → Agent.handle
+// One event's path: Source.ReadInto (the probe's ring buffer) → Agent.process
 // → table.observe (connection table) → routes.deliver (listeners matched by
-// network namespace, port and address) → subscriber.enqueue (a bounded
-// queue; full means a counted drop) → subscriber.writeLoop → the
-// subscriber's socket as a wire.Event frame.
+// network namespace, port and address) → subscriber.enqueue (a queue that
+// grows up to a bound; full means a counted drop) → subscriber.flush, on the
+// same goroutine, for an event that says a client is gone: a non-blocking
+// write of every queued event as one packet of wire.Event frames. Routine
+// events wait up to flushDelay for company; the writer goroutine
+// (subscriber.writeLoop) takes over only when the socket is full.
 package agent
 
 import (
@@ -15,7 +18,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net"
+	"net/netip"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -26,6 +31,7 @@ import (
 
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/wire"
+	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -45,14 +51,32 @@ type Config struct {
 	SocketGroup string
 	// MaxSubscribers bounds concurrent subscriber sessions. Zero means 256.
 	MaxSubscribers int
+	// MaxSubscribersPerUser bounds the concurrent sessions of one user
+	// (SO_PEERCRED uid), so that one user cannot lock the others out.
+	// Zero means 32.
+	MaxSubscribersPerUser int
 	// MaxListeners bounds the listeners one subscriber may register. Zero
 	// means 64.
 	MaxListeners int
-	// QueueLen is each subscriber's event queue; events beyond it are
-	// dropped and counted. Zero means 4096.
+	// MaxListenersPerUser bounds the listeners registered by all of one
+	// user's sessions together. Zero means 256.
+	MaxListenersPerUser int
+	// SeedBurst and SeedRate bound the sock_diag scans that registrations
+	// cost, per user: SeedBurst at once, then SeedRate per second. A
+	// registration beyond them waits for its turn, up to 2s, or is refused
+	// with CodeLimit. Zero means 16 and 2.
+	SeedBurst int
+	SeedRate  float64
+	// QueueLen bounds each subscriber's event queue, which grows with use
+	// up to it; events beyond it are dropped and counted. Zero means 4096.
 	QueueLen int
-	// MaxPorts caps the port label values of per-port metrics; the other
-	// ports are summed under port="other". Zero means 100.
+	// MaxNamespaces caps the netns label values of per-port metrics; the
+	// other namespaces are summed under netns="other" (and port="other").
+	// Zero means 250.
+	MaxNamespaces int
+	// MaxPorts caps the port label values of per-port metrics, per
+	// namespace; the other ports are summed under port="other". Zero means
+	// 100.
 	MaxPorts int
 	// HelloTimeout is how long a new session may take to say Hello. Zero
 	// means 5s.
@@ -84,8 +108,13 @@ type Agent struct {
 	dropped atomic.Uint64 // events dropped for slow subscribers, all sessions
 	seeded  atomic.Uint64 // connections found through sock_diag
 
+	dirty []*subscriber // pipeline goroutine only: subscribers to flush
+
+	nsInfo nsInfoCache
+
 	mu      sync.Mutex
 	subs    map[*subscriber]struct{}
+	users   map[uint32]*account
 	nextSub uint32
 	closing bool
 
@@ -94,9 +123,14 @@ type Agent struct {
 
 const (
 	defaultMaxSubscribers = 256
+	defaultMaxPerUser     = 32
 	defaultMaxListeners   = 64
+	defaultMaxUserListen  = 256
+	defaultSeedBurst      = 16
+	defaultSeedRate       = 2
 	defaultQueueLen       = 4096
 	defaultMaxPorts       = 100
+	defaultMaxNamespaces  = 250
 	defaultHelloTimeout   = 5 * time.Second
 	defaultStallTimeout   = 30 * time.Second
 )
@@ -108,11 +142,27 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Source == nil {
 		return nil, errors.New("agent: Config.Source is nil")
 	}
+	for name, v := range map[string]float64{
+		"MaxSubscribers": float64(cfg.MaxSubscribers), "MaxSubscribersPerUser": float64(cfg.MaxSubscribersPerUser),
+		"MaxListeners": float64(cfg.MaxListeners), "MaxListenersPerUser": float64(cfg.MaxListenersPerUser),
+		"SeedBurst": float64(cfg.SeedBurst), "SeedRate": cfg.SeedRate, "QueueLen": float64(cfg.QueueLen),
+		"MaxPorts": float64(cfg.MaxPorts), "MaxNamespaces": float64(cfg.MaxNamespaces),
+		"HelloTimeout": float64(cfg.HelloTimeout), "StallTimeout": float64(cfg.StallTimeout),
+	} {
+		if v < 0 || math.IsNaN(v) || math.IsInf(v, 0) {
+			return nil, fmt.Errorf("agent: Config.%s is %v; want zero (the default) or more", name, v)
+		}
+	}
 	cfg.SocketPath = cmpOr(cfg.SocketPath, wire.DefaultSocketPath)
 	cfg.MaxSubscribers = cmpOr(cfg.MaxSubscribers, defaultMaxSubscribers)
+	cfg.MaxSubscribersPerUser = cmpOr(cfg.MaxSubscribersPerUser, defaultMaxPerUser)
 	cfg.MaxListeners = min(cmpOr(cfg.MaxListeners, defaultMaxListeners), 65535)
+	cfg.MaxListenersPerUser = cmpOr(cfg.MaxListenersPerUser, defaultMaxUserListen)
+	cfg.SeedBurst = cmpOr(cfg.SeedBurst, defaultSeedBurst)
+	cfg.SeedRate = cmpOr(cfg.SeedRate, defaultSeedRate)
 	cfg.QueueLen = cmpOr(cfg.QueueLen, defaultQueueLen)
 	cfg.MaxPorts = cmpOr(cfg.MaxPorts, defaultMaxPorts)
+	cfg.MaxNamespaces = cmpOr(cfg.MaxNamespaces, defaultMaxNamespaces)
 	cfg.HelloTimeout = cmpOr(cfg.HelloTimeout, defaultHelloTimeout)
 	cfg.StallTimeout = cmpOr(cfg.StallTimeout, defaultStallTimeout)
 	log := cfg.Logger
@@ -128,6 +178,7 @@ func New(cfg Config) (*Agent, error) {
 		start:  time.Now(),
 		path:   cfg.SocketPath,
 		subs:   make(map[*subscriber]struct{}),
+		users:  make(map[uint32]*account),
 	}
 	ln, err := listenSocket(cfg.SocketPath, cfg.SocketGroup)
 	if err != nil {
@@ -210,7 +261,8 @@ func lookupGroup(name string) (int, error) {
 // SocketPath returns the subscriber socket's path.
 func (a *Agent) SocketPath() string { return a.path }
 
-// Run seeds the connection table from sock_diag, serves subscribers and
+// Run seeds the connection table from sock_diag in every network namespace
+// of the host (see listNamespaces), serves subscribers and
 // reads events until ctx ends or the source fails. On return every session
 // has ended, the socket file is removed and the source is closed; stop
 // scraping Collector before Run returns. It returns
@@ -221,7 +273,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	readErr := make(chan error, 1)
 	go func() { readErr <- a.readLoop() }()
 	if !a.cfg.NoSeed {
-		n, err := a.seedHost()
+		n, err := a.seedAll()
 		if err != nil {
 			a.log.Warn("seeding connections that existed before start", "err", err)
 		} else {
@@ -281,7 +333,80 @@ func (a *Agent) reconcileLoop(stop <-chan struct{}) {
 		} else if n > 0 {
 			a.log.Info("removed connections whose close event was lost", "connections", n)
 		}
+		if n, err := a.reconcileRoutes(); err != nil {
+			a.log.Warn("checking registered listeners after lost events", "err", err)
+		} else if n > 0 {
+			a.log.Info("removed routes of listeners whose close event was lost", "listeners", n)
+		}
 	}
+}
+
+// reconcileRoutes removes the routes of registered listeners that no
+// longer listen, whose close event may have been lost: it looks at the
+// listening sockets of every namespace that has routes. A route whose
+// namespace it cannot find is kept. An MPTCP listener is known to sock_diag
+// only by its TCP subflow, whose cookie the agent does not learn: it counts
+// as listening while some socket listens on its address and port.
+func (a *Agent) reconcileRoutes() (int, error) {
+	a.routes.mu.RLock()
+	byNS := make(map[uint64][]listenerInfo) // by netns cookie
+	for k, ls := range a.routes.byKey {
+		for _, l := range ls {
+			byNS[k.netns] = append(byNS[k.netns], l.info)
+		}
+	}
+	a.routes.mu.RUnlock()
+	if len(byNS) == 0 {
+		return 0, nil
+	}
+	spaces, err := listNamespaces(procRoot, runNetns)
+	if err != nil {
+		return 0, err
+	}
+	removed := 0
+	for _, r := range spaces {
+		var (
+			infos []listenerInfo
+			socks []diagSocket
+		)
+		err := inNetNS(r.path, func() error {
+			ns, err := currentNetNSCookie()
+			if err != nil || len(byNS[ns]) == 0 {
+				return err
+			}
+			infos = byNS[ns]
+			delete(byNS, ns)
+			h, err := netlink.NewHandle(unix.NETLINK_INET_DIAG)
+			if err != nil {
+				return err
+			}
+			defer h.Close()
+			socks, err = dumpTCP(h)
+			return err
+		})
+		if err != nil || infos == nil {
+			continue
+		}
+		cookies, addrs := make(map[uint64]bool), make(map[netip.AddrPort]bool)
+		for _, s := range socks {
+			if s.state == tcpListen {
+				cookies[s.cookie], addrs[s.local] = true, true
+			}
+		}
+		for _, li := range infos {
+			if cookies[li.cookie] || li.mptcp && addrs[li.addr] {
+				continue
+			}
+			for _, l := range a.routes.removeClosed(li.cookie, monoNow()) {
+				l.sub.forget(l)
+				removed++
+			}
+		}
+		if len(byNS) == 0 {
+			break
+		}
+	}
+	return removed, nil
 }
 
 // reconcile keeps only the table entries the probe still tracks.
@@ -296,8 +421,20 @@ func (a *Agent) reconcile() (int, error) {
 	return a.table.keepOnly(func(c uint64) bool { _, ok := tracked[c]; return ok }), nil
 }
 
+// backlogSource is a Source that can tell whether more events wait to be
+// read at once (for *bpf.Probe: the ring buffer's unread bytes). The
+// pipeline then writes to subscribers once the backlog is read, in fewer and
+// larger packets, instead of after every urgent event.
+type backlogSource interface {
+	Buffered() int
+}
+
 func (a *Agent) readLoop() error {
 	var e bpf.Event
+	backlog := func() bool { return false }
+	if b, ok := a.src.(backlogSource); ok {
+		backlog = func() bool { return b.Buffered() > 0 }
+	}
 	for {
 		if err := a.src.ReadInto(&e); err != nil {
 			if errors.Is(err, bpf.ErrClosed) {
@@ -309,22 +446,55 @@ func (a *Agent) readLoop() error {
 			}
 			return fmt.Errorf("reading events: %w", err)
 		}
-		a.handle(&e)
+		if now := a.process(&e); len(a.dirty) > 0 && (now || !backlog()) {
+			a.flushDirty()
+		}
 	}
 }
 
-// handle is the pipeline for one event: the connection table, then the
-// subscribers. It must never wait for a subscriber.
+// handle is the pipeline for one event, flushed at once.
 func (a *Agent) handle(e *bpf.Event) {
+	a.process(e)
+	a.flushDirty()
+}
+
+// process is the pipeline for one event: the connection table, then the
+// subscribers' queues. It reports whether a subscriber wants its queue
+// written before the next event (see flushNow). It must never wait for a
+// subscriber.
+func (a *Agent) process(e *bpf.Event) bool {
 	a.events.Add(1)
 	if e.Kind == bpf.KindListenerClosed {
-		for _, l := range a.routes.removeClosed(e.Cookie) {
+		at := e.Mono
+		if at == 0 {
+			at = monoNow()
+		}
+		for _, l := range a.routes.removeClosed(e.Cookie, at) {
 			l.sub.forget(l)
 		}
-		return
+		return false
 	}
 	a.table.observe(e)
-	a.routes.deliver(e)
+	var now bool
+	a.dirty, now = a.routes.deliver(e, a.dirty)
+	return now
+}
+
+// flushDirty writes what the subscribers that asked for it have queued.
+func (a *Agent) flushDirty() {
+	for i, s := range a.dirty {
+		s.dirty = false
+		s.flush()
+		a.dirty[i] = nil
+	}
+	a.dirty = a.dirty[:0]
+}
+
+// monoNow is CLOCK_MONOTONIC, the kernel's clock for event times.
+func monoNow() time.Duration {
+	var ts unix.Timespec
+	_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts) // cannot fail for this clock
+	return time.Duration(ts.Nano())
 }
 
 // Close stops accepting, ends every session and removes the socket file.
@@ -377,6 +547,7 @@ func (a *Agent) acceptLoop() {
 // closing.
 func (a *Agent) admit(uc *net.UnixConn) {
 	conn := wire.NewConn(uc)
+	conn.OneFramePerPacket()
 	cred, credErr := peerCred(uc)
 	a.mu.Lock()
 	refuse := ""
@@ -386,6 +557,8 @@ func (a *Agent) admit(uc *net.UnixConn) {
 		refuse, code = "the agent is shutting down", wire.CodeShuttingDown
 	case len(a.subs) >= a.cfg.MaxSubscribers:
 		refuse, code = fmt.Sprintf("too many subscribers (limit %d)", a.cfg.MaxSubscribers), wire.CodeLimit
+	case a.userLocked(cred.Uid).sessions >= a.cfg.MaxSubscribersPerUser:
+		refuse, code = fmt.Sprintf("too many subscribers for uid %d (limit %d)", cred.Uid, a.cfg.MaxSubscribersPerUser), wire.CodeLimit
 	}
 	if refuse != "" {
 		a.mu.Unlock()
@@ -403,6 +576,7 @@ func (a *Agent) admit(uc *net.UnixConn) {
 	a.nextSub++
 	s := newSubscriber(a, a.nextSub, conn, cred)
 	a.subs[s] = struct{}{}
+	a.userLocked(cred.Uid).sessions++
 	a.wg.Add(1)
 	a.mu.Unlock()
 	if credErr != nil {
@@ -413,6 +587,8 @@ func (a *Agent) admit(uc *net.UnixConn) {
 		s.run()
 		a.mu.Lock()
 		delete(a.subs, s)
+		a.userLocked(cred.Uid).sessions--
+		a.pruneUserLocked(cred.Uid)
 		a.mu.Unlock()
 	}()
 }

@@ -6,7 +6,9 @@ import (
 	"context"
 	"net"
 	"net/http/httptest"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -79,9 +81,8 @@ func TestEndToEnd(t *testing.T) {
 	a := startAgent(t, Config{Source: probe})
 	ctx := context.Background()
 
-	// Ports outside the ephemeral range, used by no other test: the
-	// probe's per-port counters are host-wide, and tests of other packages
-	// run in parallel in other namespaces.
+	// Ports outside the ephemeral range, used by no other test of this
+	// package; every count below is of this test's namespace alone.
 	lnA, lnB := listenAt(t, pair.Server, 24301), listenAt(t, pair.Server, 24302)
 	subA, logA := subscribe(t, a, "a")
 	subB, logB := subscribe(t, a, "b")
@@ -195,7 +196,12 @@ func TestEndToEnd(t *testing.T) {
 	nstat := nstatCounters(t, pair.Server)
 	t.Logf("nstat in %s: %v", pair.Server.NS, nstat)
 	pa, pb := strconv.Itoa(port(lnA)), strconv.Itoa(port(lnB))
+	// Only this test's namespace: the probe sees the whole host.
+	ns := strconv.FormatUint(uint64(probetest.NetNSInode(t, pair.Server)), 10)
 	get := func(name string, labels ...string) float64 {
+		if strings.HasPrefix(name, "hangup_connections_") {
+			labels = append([]string{"netns", ns}, labels...)
+		}
 		return metricValue(t, scrape, name, labels...)
 	}
 	want := map[string]float64{
@@ -247,6 +253,9 @@ func TestEndToEnd(t *testing.T) {
 	}
 	if v := get("hangup_connections_retransmissions_total", "port", pa); v == 0 {
 		t.Errorf("no retransmissions counted on port %s", pa)
+	}
+	if segs := get("hangup_connections_retransmissions_total", "port", pa) + get("hangup_connections_retransmissions_total", "port", pb); segs != nstat["TcpRetransSegs"] {
+		t.Errorf("retransmissions in metrics %v, kernel TcpRetransSegs %v", segs, nstat["TcpRetransSegs"])
 	}
 	if v := get("hangup_agent_subscribers"); v != 2 {
 		t.Errorf("hangup_agent_subscribers = %v, want 2", v)
@@ -384,7 +393,7 @@ func nstatCounters(t *testing.T, h *testnet.Host) map[string]float64 {
 	if _, err := exec.LookPath("nstat"); err != nil {
 		testnet.SkipOrFail(t, "nstat (iproute2) not installed: %v", err)
 	}
-	out, err := h.Exec(context.Background(), "nstat", "-az", "TcpEstabResets", "TcpExtTCPAbortOnTimeout", "TcpPassiveOpens")
+	out, err := h.Exec(context.Background(), "nstat", "-az", "TcpEstabResets", "TcpExtTCPAbortOnTimeout", "TcpPassiveOpens", "TcpRetransSegs", "TcpOutRsts")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -397,4 +406,126 @@ func nstatCounters(t *testing.T, h *testnet.Host) map[string]float64 {
 		}
 	}
 	return m
+}
+
+// TestSeedEveryNamespace: connections accepted in a network namespace
+// before the agent started, with no subscriber ever registering their
+// listener, are seeded at start and their later closes counted in that
+// namespace's series.
+func TestSeedEveryNamespace(t *testing.T) {
+	pair := testnet.NewPair(t)
+	ln := listenIn(t, pair.Server)
+	addr := net.JoinHostPort(testnet.ServerAddr4.String(), strconv.Itoa(port(ln)))
+	accepted := serve(t, ln)
+	const n = 5
+	var clients []net.Conn
+	var cookies []uint64
+	for range n {
+		c, err := pair.Client.Dial("tcp4", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_, cookie := accept(t, accepted)
+		clients = append(clients, c)
+		cookies = append(cookies, cookie)
+	}
+
+	probe := probetest.Load(t, bpf.Options{})
+	a := startAgent(t, Config{Source: probe})
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		a.table.mu.Lock()
+		found := 0
+		for _, c := range cookies {
+			if _, ok := a.table.conns[c]; ok {
+				found++
+			}
+		}
+		a.table.mu.Unlock()
+		if found == n {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d of %d connections seeded", found, n)
+		}
+	}
+	for _, c := range clients {
+		c.(*net.TCPConn).SetLinger(0)
+		c.Close()
+	}
+	ns := strconv.FormatUint(uint64(probetest.NetNSInode(t, pair.Server)), 10)
+	p := strconv.Itoa(port(ln))
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		scrape := scrapeMetrics(t, a)
+		got := metricValue(t, scrape, "hangup_connections_closed_total", "netns", ns, "port", p, "cause", "peer_reset")
+		if got == n {
+			if opened := metricValue(t, scrape, "hangup_connections_opened_total", "netns", ns, "port", p); opened != 0 {
+				t.Errorf("seeded connections counted as opened: %v", opened)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("closed{netns=%s,port=%s,cause=peer_reset} = %v, want %d", ns, p, got, n)
+		}
+	}
+}
+
+// TestNetNSInfo: a namespace with per-port series is named by the process
+// that listens in it.
+func TestNetNSInfo(t *testing.T) {
+	pair := testnet.NewPair(t)
+	probe := probetest.Load(t, bpf.Options{})
+	a := startAgent(t, Config{Source: probe, NoSeed: true})
+	const p = 24331 // outside the ephemeral range, used by no other test
+	cmd := exec.Command("ip", "netns", "exec", pair.Server.NS, os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), listenEnv+"=:"+strconv.Itoa(p))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	defer stdin.Close()
+	if line, err := bufio.NewReader(out).ReadString('\n'); err != nil || line != "ready\n" {
+		t.Fatalf("server in the namespace: %q %v", line, err)
+	}
+	c, err := pair.Client.Dial("tcp4", net.JoinHostPort(testnet.ServerAddr4.String(), strconv.Itoa(p)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	ns := strconv.FormatUint(uint64(probetest.NetNSInode(t, pair.Server)), 10)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		scrape := scrapeMetrics(t, a)
+		if metricValue(t, scrape, "hangup_connections_opened_total", "netns", ns, "port", strconv.Itoa(p)) == 1 {
+			want := filepath.Base(os.Args[0])
+			if len(want) > 15 {
+				want = want[:15] // comm's length
+			}
+			if v := metricValue(t, scrape, "hangup_netns_info", "netns", ns, "process", want); v != 1 {
+				t.Errorf("no hangup_netns_info{netns=%q,process=%q} 1 in:\n%s", ns, want, grepLines(scrape, "hangup_netns_info"))
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the connection was not counted in its namespace")
+		}
+	}
+}
+
+func grepLines(scrape []byte, prefix string) string {
+	var b strings.Builder
+	for _, line := range strings.Split(string(scrape), "\n") {
+		if strings.HasPrefix(line, prefix) {
+			b.WriteString(line + "\n")
+		}
+	}
+	return b.String()
 }

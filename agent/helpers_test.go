@@ -41,12 +41,12 @@ func (f *fakeSource) ReadInto(e *bpf.Event) error {
 	}
 }
 
-func (f *fakeSource) PortCounters() (map[uint16]bpf.PortCounters, error) {
+func (f *fakeSource) PortCounters() (map[bpf.PortKey]bpf.PortCounters, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	out := make(map[uint16]bpf.PortCounters, len(f.ports))
+	out := make(map[bpf.PortKey]bpf.PortCounters, len(f.ports))
 	for k, v := range f.ports {
-		out[k] = v
+		out[bpf.PortKey{Port: k}] = v
 	}
 	return out, nil
 }
@@ -85,6 +85,9 @@ func (f *fakeSource) TrackedCookies(fn func(uint64) bool) error {
 	}
 	return nil
 }
+
+// Buffered tells the agent how many events wait (see backlogSource).
+func (f *fakeSource) Buffered() int { return len(f.ch) }
 
 func (f *fakeSource) Close() error {
 	f.once.Do(func() { close(f.done) })

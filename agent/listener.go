@@ -18,6 +18,9 @@ type listenerInfo struct {
 	netns  uint64
 	addr   netip.AddrPort // unmapped
 	v6only bool           // an IPv6 wildcard that does not accept IPv4
+	// mptcp: an MPTCP socket, whose listening TCP subflow (what sock_diag
+	// and the probe see) has a cookie of its own.
+	mptcp bool
 }
 
 // inspectListener checks that fd is a listening TCP socket and returns its
@@ -48,6 +51,7 @@ func inspectListener(fd int) (listenerInfo, error) {
 	if (proto != unix.IPPROTO_TCP && proto != unix.IPPROTO_MPTCP) || typ != unix.SOCK_STREAM {
 		return li, fmt.Errorf("%w: protocol %d type %d, want a TCP (or MPTCP) stream", errNotListener, proto, typ)
 	}
+	li.mptcp = proto == unix.IPPROTO_MPTCP
 	acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
 	if err != nil {
 		return li, fmt.Errorf("%w: SO_ACCEPTCONN: %w", errNotListener, err)
@@ -94,4 +98,11 @@ func (li *listenerInfo) matches(a netip.Addr) bool {
 		return a.Is4()
 	}
 	return !li.v6only || a.Is6()
+}
+
+// stillListening reports whether the socket is (still) listening: a
+// shutdown or close since inspectListener turns it false.
+func stillListening(fd int) bool {
+	acc, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ACCEPTCONN)
+	return err == nil && acc == 1
 }

@@ -3,6 +3,7 @@ package agent
 import (
 	"slices"
 	"sync"
+	"time"
 
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -24,15 +25,76 @@ type routes struct {
 	mu     sync.RWMutex
 	byKey  map[connKey][]*listener
 	nextID uint32
+	closed recentlyClosed // listener closes, for registrations under way
 }
 
 func newRoutes() *routes {
-	return &routes{byKey: make(map[connKey][]*listener)}
+	return &routes{byKey: make(map[connKey][]*listener), closed: newRecentlyClosed(recentCloses)}
+}
+
+// recentCloses is how many listener closes the agent remembers, for the
+// registrations that were under way when they happened.
+const recentCloses = 4096
+
+// recentlyClosed remembers the last listener closes: cookie and kernel time
+// (CLOCK_MONOTONIC), the oldest forgotten first.
+type recentlyClosed struct {
+	at    map[uint64]time.Duration
+	order []uint64 // a ring, next is the slot to overwrite
+	next  int
+}
+
+func newRecentlyClosed(n int) recentlyClosed {
+	return recentlyClosed{at: make(map[uint64]time.Duration, n), order: make([]uint64, 0, n)}
+}
+
+func (c *recentlyClosed) add(cookie uint64, at time.Duration) {
+	if _, ok := c.at[cookie]; !ok {
+		if len(c.order) < cap(c.order) {
+			c.order = append(c.order, cookie)
+		} else {
+			delete(c.at, c.order[c.next])
+			c.order[c.next] = cookie
+			c.next = (c.next + 1) % len(c.order)
+		}
+	}
+	c.at[cookie] = at
+}
+
+// since reports whether the listener closed at or after t.
+func (c *recentlyClosed) since(cookie uint64, t time.Duration) bool {
+	at, ok := c.at[cookie]
+	return ok && at >= t
+}
+
+// addLive routes a registered listener's events to sub, unless the
+// listener closed since start (CLOCK_MONOTONIC, taken before the agent
+// first looked at the socket) or listening no longer holds: then it adds
+// nothing and returns nil. Both checks run under the lock that the close
+// event's removal takes, so whatever the timing, a close either finds the
+// route or is found by the checks: a route never outlives its listener.
+func (r *routes) addLive(sub *subscriber, info listenerInfo, start time.Duration, listening func() bool) *listener {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	l := r.addLocked(sub, info)
+	if r.closed.since(info.cookie, start) || !listening() {
+		r.removeLocked(l)
+		return nil
+	}
+	// In the session's list before a close can look for it there.
+	sub.mu.Lock()
+	sub.listeners = append(sub.listeners, l)
+	sub.mu.Unlock()
+	return l
 }
 
 func (r *routes) add(sub *subscriber, info listenerInfo) *listener {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	return r.addLocked(sub, info)
+}
+
+func (r *routes) addLocked(sub *subscriber, info listenerInfo) *listener {
 	r.nextID++
 	if r.nextID == 0 {
 		r.nextID++
@@ -55,12 +117,13 @@ func (r *routes) removeAll(sub *subscriber) {
 	}
 }
 
-// removeClosed drops the listeners whose socket closed (the probe's
-// KindListenerClosed): their port may next belong to someone else. It
-// returns them.
-func (r *routes) removeClosed(cookie uint64) []*listener {
+// removeClosed drops the listeners whose socket closed at time at (the
+// probe's KindListenerClosed): their port may next belong to someone else.
+// It returns them, and remembers the close for registrations under way.
+func (r *routes) removeClosed(cookie uint64, at time.Duration) []*listener {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	r.closed.add(cookie, at)
 	var gone []*listener
 	for _, ls := range r.byKey {
 		for _, l := range ls {
@@ -93,24 +156,38 @@ func (r *routes) removeLocked(l *listener) {
 }
 
 // deliver queues e for every subscriber whose listener accepted the
-// connection. It never blocks: a full queue counts a drop.
-func (r *routes) deliver(e *bpf.Event) {
+// connection, and appends to dirty the subscribers that want a flush (see
+// subscriber.enqueue) and are not in it yet; now reports whether one of
+// them wants it before the pipeline reads on. It never blocks: a full queue
+// counts a drop. Only the pipeline goroutine calls it.
+func (r *routes) deliver(e *bpf.Event, dirty []*subscriber) (_ []*subscriber, now bool) {
 	k := connKey{netns: e.NetNS, port: e.Local.Port()}
 	r.mu.RLock()
 	ls := r.byKey[k]
 	if len(ls) == 0 {
 		r.mu.RUnlock()
-		return
+		return dirty, false
 	}
 	var we wire.Event
 	toWire(e, &we)
+	u := urgent(e)
 	for _, l := range ls {
-		if l.info.matches(e.Local.Addr()) {
-			we.Listener = l.id
-			l.sub.enqueue(&we)
+		if !l.info.matches(e.Local.Addr()) {
+			continue
+		}
+		if k := l.sub.kinds.Load(); k != 0 && k&(1<<e.Kind) == 0 {
+			continue // the subscriber does not want this kind
+		}
+		we.Listener = l.id
+		want := l.sub.enqueue(&we, u)
+		now = now || want == flushNow
+		if want != flushLater && !l.sub.dirty {
+			l.sub.dirty = true
+			dirty = append(dirty, l.sub)
 		}
 	}
 	r.mu.RUnlock()
+	return dirty, now
 }
 
 func toWire(e *bpf.Event, w *wire.Event) {

@@ -134,20 +134,6 @@ func (a *Agent) seed(h *netlink.Handle, netnsCookie uint64, port uint16) (int, e
 	return n, nil
 }
 
-// seedHost seeds the agent's own network namespace, all ports.
-func (a *Agent) seedHost() (int, error) {
-	cookie, err := currentNetNSCookie()
-	if err != nil {
-		return 0, err
-	}
-	h, err := netlink.NewHandle(unix.NETLINK_INET_DIAG)
-	if err != nil {
-		return 0, fmt.Errorf("opening sock_diag: %w", err)
-	}
-	defer h.Close()
-	return a.seed(h, cookie, 0)
-}
-
 // seedListener seeds the connections of a registered listener's port in the
 // listener's namespace, which may not be the agent's (containers, test
 // namespaces). Reaching another namespace needs CAP_NET_ADMIN there

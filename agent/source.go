@@ -8,8 +8,9 @@ type Source interface {
 	// ReadInto blocks until the next event; after Close it returns an
 	// error matching bpf.ErrClosed.
 	ReadInto(e *bpf.Event) error
-	// PortCounters returns the exact kernel counts per local port.
-	PortCounters() (map[uint16]bpf.PortCounters, error)
+	// PortCounters returns the exact kernel counts per (network
+	// namespace, local port).
+	PortCounters() (map[bpf.PortKey]bpf.PortCounters, error)
 	// Stats returns the probe's health counters.
 	Stats() (bpf.Stats, error)
 	// Track starts tracking a connection that existed before the probe.

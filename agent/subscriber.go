@@ -25,8 +25,8 @@ type subscriber struct {
 	cred unix.Ucred
 	log  *slog.Logger
 
-	queue chan wire.Event // events for the writer; full means drop
-	ctrl  chan ctrlMsg    // replies for the writer
+	omu sync.Mutex // guards out
+	out outbox     // replies and events waiting for the socket
 
 	delivered atomic.Uint64
 	dropped   atomic.Uint64
@@ -35,15 +35,12 @@ type subscriber struct {
 	name      string
 	listeners []*listener
 
+	dirty bool          // pipeline goroutine only: in Agent.dirty
+	kinds atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
+
 	done      chan struct{}
 	closeOnce sync.Once
 	writerEnd chan struct{}
-}
-
-// ctrlMsg is a reply for the writer; after a fatal one it stops.
-type ctrlMsg struct {
-	f     wire.Frame
-	fatal bool
 }
 
 func newSubscriber(a *Agent, id uint32, conn *wire.Conn, cred unix.Ucred) *subscriber {
@@ -53,21 +50,9 @@ func newSubscriber(a *Agent, id uint32, conn *wire.Conn, cred unix.Ucred) *subsc
 		conn:      conn,
 		cred:      cred,
 		log:       a.log.With("subscriber", id, "pid", cred.Pid, "uid", cred.Uid, "gid", cred.Gid),
-		queue:     make(chan wire.Event, a.cfg.QueueLen),
-		ctrl:      make(chan ctrlMsg, 8),
+		out:       newOutbox(),
 		done:      make(chan struct{}),
 		writerEnd: make(chan struct{}),
-	}
-}
-
-// enqueue queues an event without ever blocking; it counts a drop when the
-// queue is full. Called by the pipeline goroutine.
-func (s *subscriber) enqueue(e *wire.Event) {
-	select {
-	case s.queue <- *e:
-	default:
-		s.dropped.Add(1)
-		s.a.dropped.Add(1)
 	}
 }
 
@@ -89,7 +74,9 @@ func (s *subscriber) run() {
 	s.a.routes.removeAll(s)
 	s.mu.Lock()
 	n := len(s.listeners)
+	s.listeners = nil
 	s.mu.Unlock()
+	s.a.releaseListeners(s.cred.Uid, n)
 	s.log.Info("subscriber disconnected", "reason", reason, "name", s.name, "listeners", n,
 		"delivered", s.delivered.Load(), "dropped", s.dropped.Load())
 }
@@ -104,6 +91,13 @@ func (s *subscriber) serve() string {
 	fd, err := s.conn.ReadFrame(&f)
 	closeFD(fd)
 	uc.SetReadDeadline(time.Time{})
+	if errors.Is(err, wire.ErrVersion) {
+		// Answer in the peer's own version, which an older peer can read:
+		// the Error frame's layout has not changed.
+		s.omu.Lock()
+		s.out.version = f.Version
+		s.omu.Unlock()
+	}
 	go s.writeLoop()
 	switch {
 	case errors.Is(err, os.ErrDeadlineExceeded):
@@ -113,6 +107,14 @@ func (s *subscriber) serve() string {
 	case f.Type != wire.TypeHello:
 		return s.fatal(wire.CodeUnexpected, fmt.Sprintf("expected hello, got %s", f.Type))
 	}
+	h := f.Hello
+	v := min(h.MaxVersion, wire.MaxVersion)
+	if v < max(h.MinVersion, wire.MinVersion) {
+		return s.fatal(wire.CodeVersion, fmt.Sprintf("the subscriber speaks protocol versions %d to %d, the agent %d to %d",
+			h.MinVersion, h.MaxVersion, wire.MinVersion, wire.MaxVersion))
+	}
+	s.setPeer(v, int(h.MaxPacket))
+	s.kinds.Store(h.Kinds)
 	s.mu.Lock()
 	s.name = f.Hello.Name
 	s.mu.Unlock()
@@ -191,14 +193,12 @@ func (s *subscriber) readFailed(err error) string {
 // returns the reason for the log.
 func (s *subscriber) fatal(code uint16, msg string) string {
 	s.log.Warn("disconnecting subscriber", "err", msg)
-	select {
-	case s.ctrl <- ctrlMsg{f: errorFrame(code, 0, true, msg), fatal: true}:
+	if s.sendCtrl(ctrlMsg{f: errorFrame(code, 0, true, msg), fatal: true}) {
 		select {
 		case <-s.writerEnd:
 			drain(s.conn)
 		case <-time.After(time.Second):
 		}
-	case <-s.done:
 	}
 	return msg
 }
@@ -214,19 +214,11 @@ func (s *subscriber) replyError(code uint16, req uint32, msg string) {
 	s.reply(errorFrame(code, req, false, msg))
 }
 
-// reply hands a frame to the writer; it waits while the peer does not read
-// its replies, but never past the session's end.
-func (s *subscriber) reply(f wire.Frame) {
-	select {
-	case s.ctrl <- ctrlMsg{f: f}:
-	case <-s.done:
-	}
-}
-
 // register checks a listening socket's descriptor and routes its events to
 // this subscriber. The descriptor is closed by the caller: the agent needs
-// it only to learn what it is.
+// it only to learn what it is, and holding it would keep the socket open.
 func (s *subscriber) register(req uint32, fd int) {
+	start := monoNow() // before anything looks at the socket
 	s.mu.Lock()
 	n := len(s.listeners)
 	s.mu.Unlock()
@@ -252,38 +244,59 @@ func (s *subscriber) register(req uint32, fd int) {
 	for _, l := range s.listeners {
 		if l.info.cookie == info.cookie {
 			s.mu.Unlock()
-			s.reply(wire.Frame{Type: wire.TypeRegistered, Registered: wire.Registered{
-				Request: req, Listener: l.id, NetNS: l.info.netns, Addr: l.info.addr,
-			}})
+			s.replyRegistered(req, l)
 			return
 		}
 	}
 	s.mu.Unlock()
+	if err := s.a.reserveListener(s.cred.Uid); err != nil {
+		s.log.Warn("refusing listener", "err", err)
+		s.replyError(wire.CodeLimit, req, err.Error())
+		return
+	}
 	// Connections accepted before this agent started (an agent restart)
 	// must be tracked before the answer, so that a client that has its
-	// answer can count on their events.
+	// answer can count on their events. Each scan costs the user a token.
 	if !s.a.cfg.NoSeed {
+		if err := s.a.takeSeed(s.cred.Uid, s.done); err != nil {
+			s.a.releaseListeners(s.cred.Uid, 1)
+			if errors.Is(err, errSeedBudget) {
+				s.log.Warn("refusing listener", "err", err)
+				s.replyError(wire.CodeLimit, req, err.Error())
+			}
+			return
+		}
 		if n, err := s.a.seedListener(fd, info); err != nil {
 			s.log.Warn("seeding the listener's existing connections", "err", err, "addr", info.addr)
 		} else if n > 0 {
 			s.log.Info("seeded the listener's existing connections", "addr", info.addr, "connections", n)
 		}
 	}
-	l := s.a.routes.add(s, info)
-	s.mu.Lock()
-	s.listeners = append(s.listeners, l)
-	s.mu.Unlock()
+	l := s.a.routes.addLive(s, info, start, func() bool { return stillListening(fd) })
+	if l == nil {
+		s.a.releaseListeners(s.cred.Uid, 1)
+		s.log.Warn("refusing listener", "err", "it closed while being registered", "addr", info.addr)
+		s.replyError(wire.CodeNotListener, req, "the listener closed while it was being registered")
+		return
+	}
 	s.log.Info("listener registered", "listener", l.id, "addr", info.addr, "netns", info.netns)
+	s.replyRegistered(req, l)
+}
+
+func (s *subscriber) replyRegistered(req uint32, l *listener) {
 	s.reply(wire.Frame{Type: wire.TypeRegistered, Registered: wire.Registered{
-		Request: req, Listener: l.id, NetNS: info.netns, Addr: info.addr,
+		Request: req, Listener: l.id, NetNS: l.info.netns, Addr: l.info.addr,
 	}})
 }
 
 // forget removes a listener whose socket closed from the session.
 func (s *subscriber) forget(l *listener) {
 	s.mu.Lock()
+	n := len(s.listeners)
 	s.listeners = slices.DeleteFunc(s.listeners, func(x *listener) bool { return x == l })
+	gone := n - len(s.listeners)
 	s.mu.Unlock()
+	s.a.releaseListeners(s.cred.Uid, gone)
 	s.log.Info("listener closed: no longer routed", "listener", l.id, "addr", l.info.addr, "netns", l.info.netns)
 }
 
@@ -303,7 +316,7 @@ func (s *subscriber) status() {
 		row := wire.StatusListener{
 			Subscriber: o.id, PID: uint32(o.cred.Pid), UID: o.cred.Uid, Name: o.name,
 			Listeners: uint16(len(o.listeners)),
-			Delivered: o.delivered.Load(), Dropped: o.dropped.Load(), Queued: uint32(len(o.queue)),
+			Delivered: o.delivered.Load(), Dropped: o.dropped.Load(), Queued: uint32(o.queued()),
 		}
 		ls := slices.Clone(o.listeners)
 		o.mu.Unlock()
@@ -327,61 +340,6 @@ func (s *subscriber) status() {
 		Dropped:     s.a.dropped.Load(),
 		UptimeSec:   uint64(time.Since(s.a.start).Seconds()),
 	}})
-}
-
-// writeLoop is the session's only writer. A peer that does not read blocks
-// it, and only it: the queue fills and enqueue counts drops.
-func (s *subscriber) writeLoop() {
-	defer close(s.writerEnd)
-	var reported uint64
-	notify := func() error {
-		d := s.dropped.Load()
-		if d == reported {
-			return nil
-		}
-		f := wire.Frame{Type: wire.TypeDropped, Dropped: wire.Dropped{Count: d - reported, Total: d}}
-		reported = d
-		return s.conn.WriteFrame(&f, -1)
-	}
-	uc := s.conn.UnixConn()
-	for {
-		var err error
-		select {
-		case <-s.done:
-			return
-		case m := <-s.ctrl:
-			uc.SetWriteDeadline(time.Now().Add(s.a.cfg.StallTimeout))
-			err = s.conn.WriteFrame(&m.f, -1)
-			if m.fatal {
-				return
-			}
-		case e := <-s.queue:
-			uc.SetWriteDeadline(time.Now().Add(s.a.cfg.StallTimeout))
-			if err = notify(); err == nil {
-				err = s.conn.WriteEvent(&e)
-				if err == nil {
-					s.delivered.Add(1)
-				}
-			}
-			if err == nil && len(s.queue) == 0 {
-				err = notify()
-			}
-		}
-		if err != nil {
-			select {
-			case <-s.done:
-			default:
-				if errors.Is(err, os.ErrDeadlineExceeded) {
-					s.log.Warn("disconnecting subscriber", "err", "it stopped reading", "stalled_for", s.a.cfg.StallTimeout,
-						"dropped", s.dropped.Load())
-				} else {
-					s.log.Warn("writing to subscriber", "err", err)
-				}
-				s.shutdown()
-			}
-			return
-		}
-	}
 }
 
 func closeFD(fd int) {

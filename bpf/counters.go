@@ -15,12 +15,19 @@ import (
 // PortCounters are the exact per-port counts kept in the kernel. They count
 // what happened, whether or not the matching event reached userspace.
 type PortCounters struct {
-	Opened      uint64 // passive opens (handshakes completed)
-	PeerFIN     uint64
-	PeerReset   uint64
-	LocalReset  uint64
-	Retransmits uint64 // successful retransmissions
-	Errors      uint64 // distinct socket errors reported
+	Opened     uint64 // passive opens (handshakes completed)
+	PeerFIN    uint64
+	PeerReset  uint64
+	LocalReset uint64
+	// Retransmits counts successful retransmissions as the kernel makes
+	// them, one skb (and one KindRetransmit event) each; an skb may carry
+	// several segments (GSO/TSO).
+	Retransmits uint64
+	// RetransmittedSegments counts the segments of those retransmissions
+	// (tcp_skb_pcount), as the kernel's TcpRetransSegs (nstat) does for a
+	// namespace.
+	RetransmittedSegments uint64
+	Errors                uint64 // distinct socket errors reported
 	// Closed counts closed connections by Cause (index CauseNone is unused).
 	Closed [NumCauses]uint64
 }
@@ -41,6 +48,7 @@ func (c *PortCounters) Add(o *PortCounters) {
 	c.PeerReset += o.PeerReset
 	c.LocalReset += o.LocalReset
 	c.Retransmits += o.Retransmits
+	c.RetransmittedSegments += o.RetransmittedSegments
 	c.Errors += o.Errors
 	for i := range c.Closed {
 		c.Closed[i] += o.Closed[i]
@@ -51,25 +59,35 @@ func (c *PortCounters) Add(o *PortCounters) {
 func (c *PortCounters) add(v *probeCounters) {
 	c.Add(&PortCounters{
 		Opened: v.Opened, PeerFIN: v.PeerFin, PeerReset: v.PeerReset, LocalReset: v.LocalReset,
-		Retransmits: v.Retransmits, Errors: v.Errors, Closed: v.Closed,
+		Retransmits: v.Retransmits, RetransmittedSegments: v.RetransSegs, Errors: v.Errors, Closed: v.Closed,
 	})
 }
 
-// PortCounters returns the counters of every local port that has seen a
-// tracked connection, summed over CPUs.
-func (p *Probe) PortCounters() (map[uint16]PortCounters, error) {
-	out := make(map[uint16]PortCounters)
+// PortKey names a local port in one network namespace: the key of the
+// kernel's counters, so that two containers' :8080 are never added up.
+type PortKey struct {
+	// NetNS is the network namespace's inode number, as lsns, `ip netns
+	// identify` and the /proc/PID/ns/net link show it (net:[NetNS]). It is
+	// not the namespace cookie that events carry in Event.NetNS.
+	NetNS uint32
+	Port  uint16
+}
+
+// PortCounters returns the counters of every (network namespace, local
+// port) that has seen a tracked connection, summed over CPUs.
+func (p *Probe) PortCounters() (map[PortKey]PortCounters, error) {
+	out := make(map[PortKey]PortCounters)
 	var (
-		port   uint16
+		key    probePortKey
 		perCPU []probeCounters
 	)
 	it := p.maps.PortStats.Iterate()
-	for it.Next(&port, &perCPU) {
+	for it.Next(&key, &perCPU) {
 		var c PortCounters
 		for i := range perCPU {
 			c.add(&perCPU[i])
 		}
-		out[port] = c
+		out[PortKey{NetNS: key.Netns, Port: key.Port}] = c
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("reading port counters: %w", err)
@@ -82,8 +100,13 @@ type Stats struct {
 	Events           uint64 // events written to the ring buffer
 	Lost             uint64 // events dropped because the ring buffer was full
 	TrackFull        uint64 // passive connections not tracked: MaxConnections reached
-	PortsFull        uint64 // counter updates dropped: port table full (cannot happen with 65536 entries)
+	PortsFull        uint64 // counter updates dropped: the (namespace, port) table's 65536 entries are full
 	RetransmitFailed uint64 // failed retransmission attempts (not counted as retransmissions)
+	// HookMisses counts hook runs the kernel skipped because the same
+	// program was already running on that CPU (HookStats.Missed, summed).
+	// The probe settles a close from more than one hook so that a skipped
+	// run delays nothing, but a skipped count is lost. Linux 5.12+.
+	HookMisses uint64
 }
 
 // Stats reads the probe's health counters, summed over CPUs.
@@ -98,7 +121,14 @@ func (p *Probe) Stats() (Stats, error) {
 			vals[i] += v
 		}
 	}
+	var misses uint64
+	for _, prog := range p.progs {
+		if st, err := prog.Stats(); err == nil {
+			misses += st.RecursionMisses
+		}
+	}
 	return Stats{
+		HookMisses:       misses,
 		Events:           vals[probeStatSTAT_EVENTS],
 		Lost:             vals[probeStatSTAT_LOST],
 		TrackFull:        vals[probeStatSTAT_TRACK_FULL],
@@ -158,6 +188,10 @@ type HookStats struct {
 	Hook     string        // tracepoint name
 	RunCount uint64        // invocations
 	RunTime  time.Duration // total time spent in the program
+	// Missed counts invocations the kernel skipped because the program
+	// was already running on the same CPU (a softirq interrupting it):
+	// events and counts of those invocations are lost.
+	Missed uint64
 }
 
 // PerRun is the average time of one invocation (0 if it never ran).
@@ -177,7 +211,7 @@ func (p *Probe) HookStats() ([]HookStats, error) {
 		if err != nil {
 			return nil, fmt.Errorf("reading stats of %s: %w", p.hooks[i], err)
 		}
-		out = append(out, HookStats{Hook: p.hooks[i], RunCount: st.RunCount, RunTime: st.Runtime})
+		out = append(out, HookStats{Hook: p.hooks[i], RunCount: st.RunCount, RunTime: st.Runtime, Missed: st.RecursionMisses})
 	}
 	return out, nil
 }

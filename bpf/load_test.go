@@ -15,10 +15,12 @@ import (
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
+
+	"github.com/hangup-io/hangup/internal/testnet"
 )
 
 func TestLoadWithoutBTF(t *testing.T) {
-	_, err := load(Options{}, filepath.Join(t.TempDir(), "no-such-vmlinux"))
+	_, err := load(Options{}, filepath.Join(t.TempDir(), "no-such-vmlinux"), selectHooks)
 	if !errors.Is(err, ErrNotSupported) {
 		t.Fatalf("err = %v, want ErrNotSupported", err)
 	}
@@ -32,7 +34,7 @@ func TestLoadWithGarbageBTF(t *testing.T) {
 	if err := os.WriteFile(path, []byte("this is not BTF"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := load(Options{}, path); !errors.Is(err, ErrNotSupported) {
+	if _, err := load(Options{}, path, selectHooks); !errors.Is(err, ErrNotSupported) {
 		t.Fatalf("err = %v, want ErrNotSupported", err)
 	}
 }
@@ -40,7 +42,7 @@ func TestLoadWithGarbageBTF(t *testing.T) {
 func TestMissingTracepointNamesHook(t *testing.T) {
 	kernel, err := kernelTypes(kernelBTFPath)
 	if err != nil {
-		t.Skipf("no kernel BTF: %v", err)
+		testnet.SkipOrFail(t, "no kernel BTF: %v", err)
 	}
 	_, err = tracepointArgs(kernel, "no_such_tracepoint")
 	if !errors.Is(err, ErrNotSupported) || !strings.Contains(err.Error(), "no_such_tracepoint") {

@@ -65,13 +65,23 @@ enum {
 	F_ERR_REPORTED = 1 << 4,
 	F_FINAL = 1 << 5,   /* closed event emitted and counted */
 	F_SEEDED = 1 << 6,  /* inserted by userspace (sock_diag), not seen opening */
+	F_ACTIVE = 1 << 7,  /* a simultaneous open: remembered only to be ignored */
 };
 
 struct conn {
 	__u64 opened_ns;
+	__u32 netns; /* network namespace inode; 0 until known for seeded entries */
 	__u16 lport;
 	__u16 flags;
 	__s32 err;
+	__u32 _pad;
+};
+
+/* Counters are kept per (network namespace, local port). */
+struct port_key {
+	__u32 netns; /* namespace inode (lsns, /proc/PID/ns/net) */
+	__u16 port;
+	__u16 _pad;
 };
 
 struct event {
@@ -93,12 +103,20 @@ struct event {
 	__u32 _pad;
 };
 
+/* A (network namespace, local port) whose events a WatchedOnly probe writes. */
+struct watch_key {
+	__u64 netns_cookie;
+	__u16 port;
+	__u16 _pad[3];
+};
+
 struct counters {
 	__u64 opened;
 	__u64 peer_fin;
 	__u64 peer_reset;
 	__u64 local_reset;
-	__u64 retransmits;
+	__u64 retransmits;     /* retransmitted skbs: one event each */
+	__u64 retrans_segs;    /* retransmitted segments, as TcpRetransSegs counts them */
 	__u64 errors;
 	__u64 closed[CAUSE_MAX];
 };
@@ -107,6 +125,8 @@ struct counters {
 const struct event *unused_event __attribute__((unused));
 const struct counters *unused_counters __attribute__((unused));
 const struct conn *unused_conn __attribute__((unused));
+const struct port_key *unused_port_key __attribute__((unused));
+const struct watch_key *unused_watch_key __attribute__((unused));
 const enum kind *unused_kind __attribute__((unused));
 const enum cause *unused_cause __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
@@ -120,6 +140,14 @@ const enum stat *unused_stat __attribute__((unused));
  * is gone always wake the reader at once. Set by the loader.
  */
 volatile const __u64 wakeup_bytes = 64 << 10;
+
+/*
+ * With watched_only, the ring buffer gets only client-gone events of
+ * connections whose (netns cookie, local port) is in the watched map: a
+ * server that loads its own probe hears of its own clients and nothing
+ * else. Counters count everything regardless. Set by the loader.
+ */
+volatile const __u8 watched_only = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -138,9 +166,17 @@ struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, 65536);
-	__type(key, __u16); /* local port */
+	__type(key, struct port_key);
 	__type(value, struct counters);
 } port_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(max_entries, 4096);
+	__type(key, struct watch_key);
+	__type(value, __u8);
+} watched SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -157,34 +193,52 @@ static __always_inline void stat_inc(__u32 idx)
 }
 
 /*
- * counters_for returns this CPU's counters for a port, creating them on
- * first use. Per-CPU values with atomic adds: exact even when a softirq
- * interrupts a process-context hook on the same CPU.
+ * counters_for returns this CPU's counters for a connection's (namespace,
+ * port), creating them on first use. Per-CPU values with atomic adds: exact
+ * even when a softirq interrupts a process-context hook on the same CPU.
  */
-static __always_inline struct counters *counters_for(__u16 port)
+static __always_inline struct counters *counters_for(const struct conn *c)
 {
-	struct counters *ps = bpf_map_lookup_elem(&port_stats, &port);
+	struct port_key k = { .netns = c->netns, .port = c->lport };
+	struct counters *ps = bpf_map_lookup_elem(&port_stats, &k);
 	if (ps)
 		return ps;
 	struct counters zero = {};
-	bpf_map_update_elem(&port_stats, &port, &zero, BPF_NOEXIST);
-	ps = bpf_map_lookup_elem(&port_stats, &port);
+	bpf_map_update_elem(&port_stats, &k, &zero, BPF_NOEXIST);
+	ps = bpf_map_lookup_elem(&port_stats, &k);
 	if (!ps)
 		stat_inc(STAT_PORTS_FULL);
 	return ps;
 }
 
-#define COUNT(port, field)                                   \
+#define COUNT(c, field)                                      \
 	do {                                                     \
-		struct counters *__ps = counters_for(port);       \
+		struct counters *__ps = counters_for(c);             \
 		if (__ps)                                            \
 			__sync_fetch_and_add(&__ps->field, 1);           \
 	} while (0)
+
+/* netns_inum is the inode number of the socket's network namespace. */
+static __always_inline __u32 netns_inum(const struct sock *sk)
+{
+	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+}
 
 static __always_inline bool is_tcp(const struct sock *sk)
 {
 	__u16 family = sk->__sk_common.skc_family;
 	return sk->sk_protocol == IPPROTO_TCP && (family == AF_INET || family == AF_INET6);
+}
+
+/*
+ * routine events (opened, retransmit, normal close) may wait for the reader's
+ * poll; every other event says a client is gone (or a listener closed) and
+ * wakes the reader at once.
+ */
+static __always_inline bool routine(__u8 kind, __u8 cause)
+{
+	return kind == KIND_OPENED || kind == KIND_RETRANSMIT ||
+	       (kind == KIND_CLOSED && cause == CAUSE_NORMAL);
 }
 
 /*
@@ -195,6 +249,14 @@ static __always_inline bool is_tcp(const struct sock *sk)
 static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lport, __u8 kind,
 				 __u8 cause, __s32 err, __u16 reason, __u8 old_state, __u8 state)
 {
+	__u64 netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	if (watched_only) {
+		bool gone = kind == KIND_PEER_FIN || kind == KIND_PEER_RESET || kind == KIND_ERROR ||
+			    (kind == KIND_CLOSED && cause != CAUSE_NORMAL);
+		struct watch_key wk = { .netns_cookie = netns_cookie, .port = lport };
+		if (!gone || !bpf_map_lookup_elem(&watched, &wk))
+			return;
+	}
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_LOST);
@@ -202,7 +264,7 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	}
 	e->ts_ns = bpf_ktime_get_ns();
 	e->cookie = cookie;
-	e->netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	e->netns_cookie = netns_cookie;
 	e->family = sk->__sk_common.skc_family;
 	if (e->family == AF_INET6) {
 		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
@@ -225,14 +287,46 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	e->reason = reason;
 	e->_pad = 0;
 
-	__u64 flags = 0; /* adaptive: wake the reader if it is waiting */
-	bool routine = kind == KIND_OPENED || kind == KIND_RETRANSMIT ||
-		       (kind == KIND_CLOSED && cause == CAUSE_NORMAL);
-	if (routine)
-		flags = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= wakeup_bytes ?
-				BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	/*
+	 * Not the adaptive default (flags 0): that wakes the reader only when
+	 * this record is the first unread one, and the routine record before
+	 * it (the connection's own "opened", submitted without a wakeup) is
+	 * nearly always still unread, so a client-gone event would wait for
+	 * the reader's next poll.
+	 */
+	__u64 flags = BPF_RB_FORCE_WAKEUP;
+	if (routine(kind, cause) &&
+	    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+		flags = BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 	stat_inc(STAT_EVENTS);
+}
+
+/*
+ * timeout_cause tells apart the ways the kernel gives up with ETIMEDOUT, from
+ * what is outstanding when the connection dies (the write queue purge before
+ * the move to TCP_CLOSE leaves the sequence numbers alone):
+ *   - data sent and not acknowledged: the retransmission limit or
+ *     TCP_USER_TIMEOUT (tcp_write_timeout);
+ *   - everything sent is acknowledged but queued data waits for the peer's
+ *     window, with probes out: zero-window probes (tcp_probe_timer, which
+ *     runs only then);
+ *   - nothing sent or queued, with probes out: keepalive probes
+ *     (tcp_keepalive_timer, which runs only then). Linux 6.10+ also names
+ *     the keepalive reset's reason; older kernels are decided the same way.
+ * Not the lifetime retransmission count: one early tail-loss probe would
+ * turn every later zero-window death into a retransmission timeout.
+ */
+static __always_inline __u8 timeout_cause(const struct sock *sk, const struct conn *c)
+{
+	if (c->flags & F_KEEPALIVE_RST)
+		return CAUSE_KEEPALIVE_TIMEOUT;
+	struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
+	if (!tp || tp->snd_nxt != tp->snd_una || tp->inet_conn.icsk_probes_out == 0)
+		return CAUSE_TIMEOUT;
+	if (tp->write_seq != tp->snd_nxt)
+		return CAUSE_PROBE_TIMEOUT;
+	return CAUSE_KEEPALIVE_TIMEOUT;
 }
 
 /*
@@ -240,23 +334,19 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
  * and the socket's pending error. CAUSE_NONE means "not known yet": the
  * kernel sends the RST of an abortive close (unread data, SO_LINGER 0) only
  * after the move to TCP_CLOSE, so such closes are settled at destroy time.
+ * A local RST comes before any other error: a SO_LINGER 0 close sets
+ * ECONNRESET on the socket after sending its RST.
  */
 static __always_inline __u8 classify(const struct sock *sk, const struct conn *c, __s32 err)
 {
 	if (c->flags & F_PEER_RST)
 		return CAUSE_PEER_RESET;
-	if (err == ETIMEDOUT) {
-		if (c->flags & F_KEEPALIVE_RST)
-			return CAUSE_KEEPALIVE_TIMEOUT;
-		struct tcp_sock *tp = bpf_skc_to_tcp_sock((void *)sk);
-		if (tp && tp->total_retrans == 0 && tp->inet_conn.icsk_probes_out > 0)
-			return CAUSE_PROBE_TIMEOUT;
-		return CAUSE_TIMEOUT;
-	}
-	if (err != 0)
-		return CAUSE_ERROR;
+	if (err == ETIMEDOUT)
+		return timeout_cause(sk, c);
 	if (c->flags & F_LOCAL_RST)
 		return CAUSE_LOCAL_RESET;
+	if (err != 0)
+		return CAUSE_ERROR;
 	return CAUSE_NONE;
 }
 
@@ -266,7 +356,7 @@ static __always_inline void finalize(const struct sock *sk, __u64 cookie, struct
 	c->flags |= F_FINAL;
 	if (cause >= CAUSE_MAX || cause == CAUSE_NONE)
 		cause = CAUSE_NORMAL;
-	struct counters *ps = counters_for(c->lport);
+	struct counters *ps = counters_for(c);
 	if (ps) {
 		/* cause is bounded above; the mask keeps the verifier sure of it */
 		__sync_fetch_and_add(&ps->closed[cause & (CAUSE_MAX - 1)], 1);
@@ -280,16 +370,25 @@ static __always_inline void report_error(const struct sock *sk, __u64 cookie, st
 {
 	if ((c->flags & F_ERR_REPORTED) && c->err == err)
 		return;
+	/* The ECONNRESET of this host's own abort (SO_LINGER 0) is no error. */
+	if (err == ECONNRESET && (c->flags & (F_LOCAL_RST | F_PEER_RST)) == F_LOCAL_RST)
+		return;
 	c->flags |= F_ERR_REPORTED;
 	c->err = err;
-	COUNT(c->lport, errors);
+	COUNT(c, errors);
 	emit(sk, cookie, c->lport, KIND_ERROR, CAUSE_NONE, err, 0, state, state);
 }
 
+/* lookup returns the tracking entry of a server connection, or NULL. */
 static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
 {
 	*cookie = bpf_get_socket_cookie((void *)sk);
-	return bpf_map_lookup_elem(&conns, cookie);
+	struct conn *c = bpf_map_lookup_elem(&conns, cookie);
+	if (!c || (c->flags & F_ACTIVE))
+		return NULL;
+	if (!c->netns) /* seeded from userspace, which knows the port only */
+		c->netns = netns_inum(sk);
+	return c;
 }
 
 /*
@@ -317,21 +416,39 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		return 0;
 
 	__u64 cookie;
+	if (oldstate == TCP_SYN_SENT && newstate == TCP_SYN_RECV) {
+		/*
+		 * A simultaneous open (or a TCP self-connect): an active socket
+		 * that will go SYN_RECV -> ESTABLISHED like a listener's child
+		 * (whose SYN_RECV came from LISTEN). Rare: remember it, so that
+		 * its ESTABLISHED is not taken for a passive open.
+		 */
+		cookie = bpf_get_socket_cookie((void *)sk);
+		struct conn a = { .flags = F_ACTIVE };
+		bpf_map_update_elem(&conns, &cookie, &a, BPF_ANY);
+		return 0;
+	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		/* Passive open: the child socket of a listener completed its handshake. */
 		cookie = bpf_get_socket_cookie((void *)sk);
 		struct conn c = {
 			.opened_ns = bpf_ktime_get_ns(),
+			.netns = netns_inum(sk),
 			.lport = sk->__sk_common.skc_num,
 		};
 		if (bpf_map_update_elem(&conns, &cookie, &c, BPF_NOEXIST) != 0) {
 			/* Already tracked (seeded) is fine; anything else is a full map. */
-			if (!bpf_map_lookup_elem(&conns, &cookie)) {
+			struct conn *old = bpf_map_lookup_elem(&conns, &cookie);
+			if (!old) {
 				stat_inc(STAT_TRACK_FULL);
 				return 0;
 			}
+			if (old->flags & F_ACTIVE) {
+				bpf_map_delete_elem(&conns, &cookie);
+				return 0;
+			}
 		}
-		COUNT(c.lport, opened);
+		COUNT(&c, opened);
 		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
 		return 0;
 	}
@@ -358,7 +475,7 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 
 	if (newstate == TCP_CLOSE_WAIT) {
 		c->flags |= F_PEER_FIN;
-		COUNT(c->lport, peer_fin);
+		COUNT(c, peer_fin);
 		emit(sk, cookie, c->lport, KIND_PEER_FIN, CAUSE_NONE, 0, 0, oldstate, newstate);
 		return 0;
 	}
@@ -384,14 +501,13 @@ int BPF_PROG(on_receive_reset, struct sock *sk)
 	if (!c || (c->flags & F_PEER_RST))
 		return 0;
 	c->flags |= F_PEER_RST;
-	COUNT(c->lport, peer_reset);
+	COUNT(c, peer_reset);
 	__u8 state = sk->__sk_common.skc_state;
 	emit(sk, cookie, c->lport, KIND_PEER_RESET, CAUSE_NONE, 0, 0, state, state);
 	return 0;
 }
 
-SEC("tp_btf/tcp_send_reset")
-int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
+static __always_inline int local_reset(const struct sock *sk, __u16 reason, bool keepalive)
 {
 	if (!sk)
 		return 0;
@@ -404,11 +520,29 @@ int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, co
 	if (!c)
 		return 0;
 	c->flags |= F_LOCAL_RST;
-	if (reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT))
+	if (keepalive)
 		c->flags |= F_KEEPALIVE_RST;
-	COUNT(c->lport, local_reset);
-	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, (__u16)reason, state, state);
+	COUNT(c, local_reset);
+	emit(sk, cookie, c->lport, KIND_LOCAL_RESET, CAUSE_NONE, 0, reason, state, state);
 	return 0;
+}
+
+/* Linux >= 6.10: the tracepoint says why (enum sk_rst_reason). */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(on_send_reset, const struct sock *sk, const struct sk_buff *skb, const enum sk_rst_reason reason)
+{
+	return local_reset(sk, (__u16)reason,
+			   reason == bpf_core_enum_value(enum sk_rst_reason, SK_RST_REASON_TCP_KEEPALIVE_TIMEOUT));
+}
+
+/*
+ * Linux < 6.10: no reason; a keepalive timeout is recognised at death from
+ * what is outstanding (timeout_cause).
+ */
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(on_send_reset_legacy, const struct sock *sk, const struct sk_buff *skb)
+{
+	return local_reset(sk, 0, false);
 }
 
 SEC("tp_btf/inet_sk_error_report")
@@ -421,18 +555,39 @@ int BPF_PROG(on_error_report, const struct sock *sk)
 	if (!c)
 		return 0;
 	__s32 err = sk->sk_err;
+	__u8 state = sk->__sk_common.skc_state;
 	if (err != 0)
-		report_error(sk, cookie, c, err, sk->__sk_common.skc_state);
+		report_error(sk, cookie, c, err, state);
+	/*
+	 * Newer kernels (tcp_done_with_error) report a fatal error after the move to
+	 * TCP_CLOSE. Settle the close here too: the kernel skips a program
+	 * that is already running on the CPU, so the state change's own run
+	 * is lost whenever the death (a timer softirq) interrupted
+	 * on_set_state in process context, and only the socket's destruction,
+	 * when the application closes it, would tell.
+	 */
+	if (state == TCP_CLOSE && !(c->flags & F_FINAL)) {
+		__u8 cause = classify(sk, c, err);
+		if (cause != CAUSE_NONE)
+			finalize(sk, cookie, c, cause, err, state, state);
+	}
 	return 0;
 }
 
-static __always_inline int retransmit(const struct sock *sk)
+static __always_inline int retransmit(const struct sock *sk, const struct sk_buff *skb)
 {
 	__u64 cookie;
 	struct conn *c = lookup(sk, &cookie);
 	if (!c)
 		return 0;
-	COUNT(c->lport, retransmits);
+	struct counters *ps = counters_for(c);
+	if (ps) {
+		/* One skb carries tcp_skb_pcount() segments (GSO). */
+		const struct tcp_skb_cb *tcb = (const void *)skb->cb;
+		__u16 segs = BPF_CORE_READ(tcb, tcp_gso_segs);
+		__sync_fetch_and_add(&ps->retransmits, 1);
+		__sync_fetch_and_add(&ps->retrans_segs, segs ? segs : 1);
+	}
 	__u8 state = sk->__sk_common.skc_state;
 	emit(sk, cookie, c->lport, KIND_RETRANSMIT, CAUSE_NONE, 0, 0, state, state);
 	return 0;
@@ -446,25 +601,30 @@ int BPF_PROG(on_retransmit, const struct sock *sk, const struct sk_buff *skb, in
 		stat_inc(STAT_RETRANS_FAILED);
 		return 0;
 	}
-	return retransmit(sk);
+	return retransmit(sk, skb);
 }
 
 /* Linux < 6.17: the tracepoint fires only for successful retransmissions. */
 SEC("tp_btf/tcp_retransmit_skb")
 int BPF_PROG(on_retransmit_legacy, const struct sock *sk, const struct sk_buff *skb)
 {
-	return retransmit(sk);
+	return retransmit(sk, skb);
 }
 
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(on_destroy, struct sock *sk)
 {
-	__u64 cookie;
-	struct conn *c = lookup(sk, &cookie);
+	__u64 cookie = bpf_get_socket_cookie((void *)sk);
+	struct conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return 0;
-	if (!(c->flags & F_FINAL)) {
+	if (!(c->flags & (F_FINAL | F_ACTIVE))) {
+		if (!c->netns)
+			c->netns = netns_inum(sk);
+		/* The application may have read (and so cleared) the error. */
 		__s32 err = sk->sk_err;
+		if (err == 0 && (c->flags & F_ERR_REPORTED))
+			err = c->err;
 		__u8 state = sk->__sk_common.skc_state;
 		finalize(sk, cookie, c, classify(sk, c, err), err, state, state);
 	}

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"maps"
 	"os"
+	"regexp"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -34,6 +36,12 @@ type Options struct {
 	// Events that say a client is gone (FIN, RST, errors, abnormal closes)
 	// are returned at once regardless. Zero means 10ms.
 	FlushInterval time.Duration
+	// WatchedOnly narrows the events to what a server that loads its own
+	// probe needs: only connections whose (network namespace cookie, local
+	// port) was added with Watch, and only the kinds that say a client is
+	// gone (KindPeerFIN, KindPeerReset, KindError, and KindClosed with a
+	// cause other than CauseNormal). Counters still count every connection.
+	WatchedOnly bool
 }
 
 const (
@@ -61,8 +69,9 @@ type Probe struct {
 	rec   ringbuf.Record
 	clock wallClock
 
-	flush    time.Duration
-	deadline atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
+	flush       time.Duration
+	watchedOnly bool
+	deadline    atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
 
 	closeOnce sync.Once
 	closeErr  error
@@ -74,15 +83,15 @@ type Probe struct {
 // *HookError naming the hook, and *ebpf.VerifierError for verifier
 // rejections.
 func Load(opts Options) (*Probe, error) {
-	return load(opts, kernelBTFPath)
+	return load(opts, kernelBTFPath, selectHooks)
 }
 
-func load(opts Options, btfPath string) (_ *Probe, err error) {
+func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_ *Probe, err error) {
 	kernel, err := kernelTypes(btfPath)
 	if err != nil {
 		return nil, err
 	}
-	hooks, err := selectHooks(kernel)
+	hooks, err := pick(kernel)
 	if err != nil {
 		return nil, err
 	}
@@ -103,11 +112,16 @@ func load(opts Options, btfPath string) (_ *Probe, err error) {
 	if err := spec.Variables[probeVarWakeupBytes].Set(uint64(ring / 4)); err != nil {
 		return nil, fmt.Errorf("setting wakeup threshold: %w", err)
 	}
+	if opts.WatchedOnly {
+		if err := spec.Variables[probeVarWatchedOnly].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("setting watched-only mode: %w", err)
+		}
+	}
 	if opts.FlushInterval < 0 {
 		return nil, fmt.Errorf("FlushInterval must not be negative, got %s", opts.FlushInterval)
 	}
 
-	p := &Probe{flush: opts.FlushInterval}
+	p := &Probe{flush: opts.FlushInterval, watchedOnly: opts.WatchedOnly}
 	if p.flush == 0 {
 		p.flush = defaultFlushInterval
 	}
@@ -187,7 +201,7 @@ func ringSize(n int) uint32 {
 // attachment both need.
 func kernelTypes(path string) (*btf.Spec, error) {
 	if _, err := os.Stat(path); err != nil {
-		return nil, fmt.Errorf("%w: kernel BTF not found at %s: the probe needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 6.10 or newer)", ErrNotSupported, path)
+		return nil, fmt.Errorf("%w: kernel BTF not found at %s: the probe needs a kernel built with CONFIG_DEBUG_INFO_BTF=y (Linux 6.1 or newer)", ErrNotSupported, path)
 	}
 	f, err := os.Open(path)
 	if err != nil {
@@ -201,37 +215,61 @@ func kernelTypes(path string) (*btf.Spec, error) {
 	return spec, nil
 }
 
-// selectHooks checks that every tracepoint exists with the arguments the
-// programs read, and picks the tcp_retransmit_skb variant for this kernel.
-func selectHooks(kernel *btf.Spec) ([]hook, error) {
-	need := []struct {
-		tracepoint string
-		minArgs    int
-		program    string
-	}{
-		{"inet_sock_set_state", 3, probeProgOnSetState},
-		{"tcp_receive_reset", 1, probeProgOnReceiveReset},
-		{"tcp_send_reset", 3, probeProgOnSendReset}, // reason argument: Linux 6.10
-		{"inet_sk_error_report", 1, probeProgOnErrorReport},
-		{"tcp_retransmit_skb", 2, probeProgOnRetransmitLegacy},
-		{"tcp_destroy_sock", 1, probeProgOnDestroy},
+// tracepoints are the probe's hooks: the first Linux release that has each
+// as a BTF tracepoint, and the program variants by the number of arguments
+// the kernel passes (most first). Load picks the first variant the kernel's
+// BTF offers, so that nothing assumes the host's kernel version.
+var tracepoints = []struct {
+	name     string
+	since    string
+	variants []variant
+}{
+	{"inet_sock_set_state", "4.16", []variant{{3, probeProgOnSetState}}},
+	{"tcp_receive_reset", "4.15", []variant{{1, probeProgOnReceiveReset}}},
+	// Linux 6.10 added the reset reason (enum sk_rst_reason).
+	{"tcp_send_reset", "4.15", []variant{{3, probeProgOnSendReset}, {2, probeProgOnSendResetLegacy}}},
+	{"inet_sk_error_report", "5.13", []variant{{1, probeProgOnErrorReport}}},
+	// Linux 6.17 added err and fires for failed attempts too.
+	{"tcp_retransmit_skb", "4.15", []variant{{3, probeProgOnRetransmit}, {2, probeProgOnRetransmitLegacy}}},
+	{"tcp_destroy_sock", "4.16", []variant{{1, probeProgOnDestroy}}},
+}
+
+type variant struct {
+	args    int // arguments the program reads
+	program string
+}
+
+// CheckKernel reports whether the running kernel has what the probe needs
+// that can be told without loading it: BTF and every tracepoint with a
+// signature the probe has a program for. Its error wraps ErrNotSupported and
+// names the missing feature. Load also needs BPF helpers that only loading
+// can check (see Load).
+func CheckKernel() error {
+	kernel, err := kernelTypes(kernelBTFPath)
+	if err != nil {
+		return err
 	}
-	hooks := make([]hook, 0, len(need))
-	for _, n := range need {
-		args, err := tracepointArgs(kernel, n.tracepoint)
+	_, err = selectHooks(kernel)
+	return err
+}
+
+// selectHooks checks that every tracepoint exists with the arguments one of
+// its programs reads, and picks that program.
+func selectHooks(kernel *btf.Spec) ([]hook, error) {
+	hooks := make([]hook, 0, len(tracepoints))
+	for _, tp := range tracepoints {
+		args, err := tracepointArgs(kernel, tp.name)
 		if err != nil {
-			return nil, &HookError{Op: "loading", Hook: n.tracepoint, Err: err}
+			return nil, &HookError{Op: "loading", Hook: tp.name,
+				Err: fmt.Errorf("%w (the tracepoint came in Linux %s)", err, tp.since)}
 		}
-		if args < n.minArgs {
-			return nil, &HookError{Op: "loading", Hook: n.tracepoint,
-				Err: fmt.Errorf("%w: tracepoint has %d arguments, the probe needs %d (Linux 6.10 or newer)", ErrNotSupported, args, n.minArgs)}
+		i := slices.IndexFunc(tp.variants, func(v variant) bool { return args >= v.args })
+		if i < 0 {
+			return nil, &HookError{Op: "loading", Hook: tp.name,
+				Err: fmt.Errorf("%w: tracepoint has %d arguments, the probe needs at least %d",
+					ErrNotSupported, args, tp.variants[len(tp.variants)-1].args)}
 		}
-		prog := n.program
-		if n.tracepoint == "tcp_retransmit_skb" && args >= 3 {
-			// Linux 6.17 added err and fires for failed attempts too.
-			prog = probeProgOnRetransmit
-		}
-		hooks = append(hooks, hook{tracepoint: n.tracepoint, program: prog})
+		hooks = append(hooks, hook{tracepoint: tp.name, program: tp.variants[i].program})
 	}
 	return hooks, nil
 }
@@ -256,7 +294,50 @@ func tracepointArgs(kernel *btf.Spec, name string) (int, error) {
 }
 
 func hookError(op, tracepoint string, err error) error {
+	if missing := missingHelper(err); missing != nil {
+		err = missing
+	}
 	return classify(&HookError{Op: op, Hook: tracepoint, Err: err})
+}
+
+// helpers are the BPF helpers the programs call that older kernels do not
+// offer to tracing programs, with the release that added them there.
+var helpers = map[string]string{
+	"bpf_ringbuf_reserve":   "5.8",
+	"bpf_ringbuf_submit":    "5.8",
+	"bpf_ringbuf_query":     "5.8",
+	"bpf_skc_to_tcp_sock":   "5.9",
+	"bpf_get_socket_cookie": "5.12",
+	"bpf_probe_read_kernel": "5.5",
+	"bpf_ktime_get_ns":      "4.1",
+	"bpf_map_lookup_elem":   "4.1",
+	"bpf_map_update_elem":   "4.1",
+	"bpf_map_delete_elem":   "4.1",
+}
+
+var unknownHelper = regexp.MustCompile(`(?:unknown func|cannot call|cannot use helper) (bpf_[a-z0-9_]+)#`)
+
+// missingHelper turns the verifier's rejection of a helper call into an
+// ErrNotSupported that names the helper and the release that has it, or
+// returns nil for any other error.
+func missingHelper(err error) error {
+	var ve *ebpf.VerifierError
+	if !errors.As(err, &ve) {
+		return nil
+	}
+	for _, line := range ve.Log {
+		m := unknownHelper.FindStringSubmatch(line)
+		if m == nil {
+			continue
+		}
+		since := "a newer kernel"
+		if v, ok := helpers[m[1]]; ok {
+			since = "Linux " + v
+		}
+		return fmt.Errorf("%w: the kernel does not let tracing programs call %s (%s): %w",
+			ErrNotSupported, m[1], since, err)
+	}
+	return nil
 }
 
 // classify adds the sentinel that tells the caller what kind of failure err is.

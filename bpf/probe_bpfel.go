@@ -30,9 +30,11 @@ const (
 type probeConn struct {
 	_        structs.HostLayout
 	OpenedNs uint64
+	Netns    uint32
 	Lport    uint16
 	Flags    uint16
 	Err      int32
+	Pad      uint32
 }
 
 type probeCounters struct {
@@ -42,6 +44,7 @@ type probeCounters struct {
 	PeerReset   uint64
 	LocalReset  uint64
 	Retransmits uint64
+	RetransSegs uint64
 	Errors      uint64
 	Closed      [8]uint64
 }
@@ -79,6 +82,13 @@ const (
 	probeKindKIND_LISTENER_CLOSED probeKind = 8
 )
 
+type probePortKey struct {
+	_     structs.HostLayout
+	Netns uint32
+	Port  uint16
+	Pad   uint16
+}
+
 type probeStat uint32
 
 const (
@@ -90,6 +100,13 @@ const (
 	probeStatSTAT_MAX            probeStat = 5
 )
 
+type probeWatchKey struct {
+	_           structs.HostLayout
+	NetnsCookie uint64
+	Port        uint16
+	Pad         [3]uint16
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -98,20 +115,25 @@ const (
 	probeMapEvents              = "events"
 	probeMapPortStats           = "port_stats"
 	probeMapStats               = "stats"
+	probeMapWatched             = "watched"
 	probeProgOnDestroy          = "on_destroy"
 	probeProgOnErrorReport      = "on_error_report"
 	probeProgOnReceiveReset     = "on_receive_reset"
 	probeProgOnRetransmit       = "on_retransmit"
 	probeProgOnRetransmitLegacy = "on_retransmit_legacy"
 	probeProgOnSendReset        = "on_send_reset"
+	probeProgOnSendResetLegacy  = "on_send_reset_legacy"
 	probeProgOnSetState         = "on_set_state"
 	probeVarUnusedCause         = "unused_cause"
 	probeVarUnusedConn          = "unused_conn"
 	probeVarUnusedCounters      = "unused_counters"
 	probeVarUnusedEvent         = "unused_event"
 	probeVarUnusedKind          = "unused_kind"
+	probeVarUnusedPortKey       = "unused_port_key"
 	probeVarUnusedStat          = "unused_stat"
+	probeVarUnusedWatchKey      = "unused_watch_key"
 	probeVarWakeupBytes         = "wakeup_bytes"
+	probeVarWatchedOnly         = "watched_only"
 )
 
 // loadProbe returns the embedded CollectionSpec for probe.
@@ -162,6 +184,7 @@ type probeProgramSpecs struct {
 	OnRetransmit       *ebpf.ProgramSpec `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.ProgramSpec `ebpf:"on_retransmit_legacy"`
 	OnSendReset        *ebpf.ProgramSpec `ebpf:"on_send_reset"`
+	OnSendResetLegacy  *ebpf.ProgramSpec `ebpf:"on_send_reset_legacy"`
 	OnSetState         *ebpf.ProgramSpec `ebpf:"on_set_state"`
 }
 
@@ -173,6 +196,7 @@ type probeMapSpecs struct {
 	Events    *ebpf.MapSpec `ebpf:"events"`
 	PortStats *ebpf.MapSpec `ebpf:"port_stats"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
+	Watched   *ebpf.MapSpec `ebpf:"watched"`
 }
 
 // probeVariableSpecs contains global variables before they are loaded into the kernel.
@@ -184,8 +208,11 @@ type probeVariableSpecs struct {
 	UnusedCounters *ebpf.VariableSpec `ebpf:"unused_counters"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
+	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
 	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedWatchKey *ebpf.VariableSpec `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	WatchedOnly    *ebpf.VariableSpec `ebpf:"watched_only"`
 }
 
 // probeObjects contains all objects after they have been loaded into the kernel.
@@ -212,6 +239,7 @@ type probeMaps struct {
 	Events    *ebpf.Map `ebpf:"events"`
 	PortStats *ebpf.Map `ebpf:"port_stats"`
 	Stats     *ebpf.Map `ebpf:"stats"`
+	Watched   *ebpf.Map `ebpf:"watched"`
 }
 
 func (m *probeMaps) Close() error {
@@ -220,6 +248,7 @@ func (m *probeMaps) Close() error {
 		m.Events,
 		m.PortStats,
 		m.Stats,
+		m.Watched,
 	)
 }
 
@@ -232,8 +261,11 @@ type probeVariables struct {
 	UnusedCounters *ebpf.Variable `ebpf:"unused_counters"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
+	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
 	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedWatchKey *ebpf.Variable `ebpf:"unused_watch_key"`
 	WakeupBytes    *ebpf.Variable `ebpf:"wakeup_bytes"`
+	WatchedOnly    *ebpf.Variable `ebpf:"watched_only"`
 }
 
 // probePrograms contains all programs after they have been loaded into the kernel.
@@ -246,6 +278,7 @@ type probePrograms struct {
 	OnRetransmit       *ebpf.Program `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.Program `ebpf:"on_retransmit_legacy"`
 	OnSendReset        *ebpf.Program `ebpf:"on_send_reset"`
+	OnSendResetLegacy  *ebpf.Program `ebpf:"on_send_reset_legacy"`
 	OnSetState         *ebpf.Program `ebpf:"on_set_state"`
 }
 
@@ -257,6 +290,7 @@ func (p *probePrograms) Close() error {
 		p.OnRetransmit,
 		p.OnRetransmitLegacy,
 		p.OnSendReset,
+		p.OnSendResetLegacy,
 		p.OnSetState,
 	)
 }

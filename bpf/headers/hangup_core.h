@@ -88,7 +88,12 @@ struct in6_addr {
 	} in6_u;
 } __attribute__((preserve_access_index));
 
+struct ns_common {
+	unsigned int inum; /* the namespace's inode number, as lsns shows */
+} __attribute__((preserve_access_index));
+
 struct net {
+	struct ns_common ns;
 	__u64 net_cookie;
 } __attribute__((preserve_access_index));
 
@@ -122,7 +127,22 @@ struct sock {
 	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
-struct sk_buff;
+struct sk_buff {
+	char cb[48];
+} __attribute__((preserve_access_index));
+
+/* What TCP keeps in skb->cb (TCP_SKB_CB). */
+struct tcp_skb_cb {
+	__u32 seq;
+	__u32 end_seq;
+	union {
+		struct {
+			__u16 tcp_gso_segs; /* tcp_skb_pcount() */
+			__u16 tcp_gso_size;
+		};
+		__u32 tcp_tw_isn;
+	};
+} __attribute__((preserve_access_index));
 
 struct inet_sock {
 	struct sock sk;
@@ -141,6 +161,9 @@ struct mptcp_subflow_context {
 struct tcp_sock {
 	struct inet_connection_sock inet_conn;
 	__u32 total_retrans;
+	__u32 snd_una;   /* first byte the peer has not acknowledged */
+	__u32 snd_nxt;   /* next byte to send */
+	__u32 write_seq; /* end of the data the application queued */
 } __attribute__((preserve_access_index));
 
 #endif /* __HANGUP_CORE_H__ */

@@ -83,6 +83,9 @@ func doctor(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	return nil
 }
 
+// checkKernel reports the release and whether its BTF offers every
+// tracepoint the probe needs, with a signature it has a program for. The
+// probe check below then loads it, which also tries the BPF helpers.
 func checkKernel() check {
 	c := check{name: "kernel"}
 	var u unix.Utsname
@@ -90,29 +93,15 @@ func checkKernel() check {
 		c.detail = err.Error()
 		return c
 	}
-	release := unix.ByteSliceToString(u.Release[:])
-	c.detail = "Linux " + release
-	major, minor := parseRelease(release)
-	c.ok = major > 6 || (major == 6 && minor >= 10)
-	if !c.ok {
-		c.detail += " (too old)"
-		c.fix = "hangup needs Linux 6.10 or newer (tcp_send_reset's reason argument); upgrade the kernel"
+	c.detail = "Linux " + unix.ByteSliceToString(u.Release[:])
+	if err := bpf.CheckKernel(); err != nil {
+		c.detail += ": " + err.Error()
+		c.fix = fixFor(err)
+		return c
 	}
+	c.ok = true
+	c.detail += ": every tracepoint the probe needs is present"
 	return c
-}
-
-func parseRelease(r string) (major, minor int) {
-	parts := strings.SplitN(r, ".", 3)
-	if len(parts) < 2 {
-		return 0, 0
-	}
-	major, _ = strconv.Atoi(parts[0])
-	digits := parts[1]
-	if i := strings.IndexFunc(parts[1], func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
-		digits = parts[1][:i]
-	}
-	minor, _ = strconv.Atoi(digits)
-	return major, minor
 }
 
 func checkBTF() check {
@@ -205,12 +194,14 @@ func checkProbe() []check {
 func fixFor(err error) string {
 	var ve *bpf.VerifierError
 	switch {
+	case errors.Is(err, bpf.ErrNotSupported):
+		// Checked before verifier errors: a helper the kernel lacks is
+		// reported by the verifier, and wrapped as not supported.
+		return "the kernel lacks what the error names: hangup needs Linux 6.1 or newer built with CONFIG_DEBUG_INFO_BTF=y and CONFIG_BPF_SYSCALL=y"
 	case errors.As(err, &ve):
 		return "the kernel's verifier rejected the program: report it with the output of `hangupd --log.level=debug` and `uname -a`"
 	case errors.Is(err, bpf.ErrPermission):
 		return "run as root or grant CAP_BPF and CAP_PERFMON; with lockdown=confidentiality, tracing programs cannot read kernel memory at all"
-	case errors.Is(err, bpf.ErrNotSupported):
-		return "the kernel lacks a tracepoint or BTF the probe needs: Linux 6.10+ with CONFIG_DEBUG_INFO_BTF=y and CONFIG_BPF_SYSCALL=y"
 	}
 	return "see the error; `hangupd --log.level=debug` shows more"
 }
@@ -235,6 +226,6 @@ func checkAgent(ctx context.Context, path string) check {
 	defer cl.Close()
 	w := cl.Welcome()
 	c.ok = true
-	c.detail = fmt.Sprintf("%s answers (agent pid %d, protocol version %d)", path, w.AgentPID, wire.Version)
+	c.detail = fmt.Sprintf("%s answers (agent pid %d, protocol version %d)", path, w.AgentPID, cl.Version())
 	return c
 }

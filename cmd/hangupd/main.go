@@ -43,9 +43,14 @@ type options struct {
 	ringBufferSize int
 	maxConns       int
 	maxSubscribers int
+	maxPerUser     int
 	maxListeners   int
+	maxUserListen  int
+	seedBurst      int
+	seedRate       float64
 	queueLen       int
 	maxPorts       int
+	maxNamespaces  int
 	stallTimeout   time.Duration
 	noSeed         bool
 	version        bool
@@ -64,10 +69,15 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.IntVar(&o.ringBufferSize, "probe.ring-buffer-size", 0, "kernel event ring buffer in bytes (0: 1 MiB)")
 	fs.IntVar(&o.maxConns, "probe.max-connections", 0, "server connections tracked at once (0: 262144)")
 	fs.IntVar(&o.maxSubscribers, "subscribers.max", 0, "concurrent subscribers (0: 256)")
+	fs.IntVar(&o.maxPerUser, "subscribers.max-per-user", 0, "concurrent subscribers of one user, by SO_PEERCRED uid (0: 32)")
 	fs.IntVar(&o.maxListeners, "subscribers.max-listeners", 0, "listeners per subscriber (0: 64)")
-	fs.IntVar(&o.queueLen, "subscribers.queue-length", 0, "events buffered per subscriber before dropping (0: 4096)")
+	fs.IntVar(&o.maxUserListen, "subscribers.max-listeners-per-user", 0, "listeners of all of one user's subscribers (0: 256)")
+	fs.IntVar(&o.queueLen, "subscribers.queue-length", 0, "events buffered per subscriber before dropping; the queue grows with use up to it (0: 4096)")
+	fs.IntVar(&o.seedBurst, "seed.burst", 0, "listener registrations (each a sock_diag scan) one user may make at once (0: 16)")
+	fs.Float64Var(&o.seedRate, "seed.rate", 0, "listener registrations per second one user may make after the burst (0: 2)")
 	fs.DurationVar(&o.stallTimeout, "subscribers.stall-timeout", 0, "disconnect a subscriber that stopped reading for this long (0: 30s)")
-	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values before port=\"other\" (0: 100)")
+	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values per network namespace before port=\"other\" (0: 100)")
+	fs.IntVar(&o.maxNamespaces, "metrics.max-namespaces", 0, "distinct netns label values before netns=\"other\" (0: 250)")
 	fs.BoolVar(&o.noSeed, "seed.disable", false, "do not look for connections that existed before start (sock_diag)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
@@ -125,16 +135,21 @@ func run(args []string, logOut io.Writer) error {
 	log.Info("kernel probe loaded", "component", "probe")
 
 	a, err := agent.New(agent.Config{
-		Source:         probe,
-		Logger:         log,
-		SocketPath:     o.socketPath,
-		SocketGroup:    o.socketGroup,
-		MaxSubscribers: o.maxSubscribers,
-		MaxListeners:   o.maxListeners,
-		QueueLen:       o.queueLen,
-		MaxPorts:       o.maxPorts,
-		StallTimeout:   o.stallTimeout,
-		NoSeed:         o.noSeed,
+		Source:                probe,
+		Logger:                log,
+		SocketPath:            o.socketPath,
+		SocketGroup:           o.socketGroup,
+		MaxSubscribers:        o.maxSubscribers,
+		MaxSubscribersPerUser: o.maxPerUser,
+		MaxListeners:          o.maxListeners,
+		MaxListenersPerUser:   o.maxUserListen,
+		SeedBurst:             o.seedBurst,
+		SeedRate:              o.seedRate,
+		QueueLen:              o.queueLen,
+		MaxPorts:              o.maxPorts,
+		MaxNamespaces:         o.maxNamespaces,
+		StallTimeout:          o.stallTimeout,
+		NoSeed:                o.noSeed,
 	})
 	if err != nil {
 		return fmt.Errorf("starting the agent: %w", err)

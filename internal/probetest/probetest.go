@@ -10,6 +10,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/hangup-io/hangup/bpf"
 	"github.com/hangup-io/hangup/internal/testnet"
 )
@@ -19,7 +21,14 @@ import (
 // is skipped, or fails under HANGUP_REQUIRE_BPF=1. Any other error fails.
 func Load(t testing.TB, opts bpf.Options) *bpf.Probe {
 	t.Helper()
-	p, err := bpf.Load(opts)
+	return LoadWith(t, bpf.Load, opts)
+}
+
+// LoadWith is Load with another loader, such as one that picks other
+// program variants.
+func LoadWith(t testing.TB, load func(bpf.Options) (*bpf.Probe, error), opts bpf.Options) *bpf.Probe {
+	t.Helper()
+	p, err := load(opts)
 	switch {
 	case errors.Is(err, bpf.ErrPermission), errors.Is(err, bpf.ErrNotSupported):
 		testnet.SkipOrFail(t, "cannot load the BPF probe: %v", err)
@@ -153,4 +162,39 @@ func (r *Recorder) Dump() string {
 // Cookie matches the events of one socket and kind.
 func Cookie(cookie uint64, kind bpf.Kind) func(*bpf.Event) bool {
 	return func(e *bpf.Event) bool { return e.Cookie == cookie && e.Kind == kind }
+}
+
+// NetNSInode returns the inode number of a test host's network namespace,
+// the namespace half of the probe's counter keys (bpf.PortKey.NetNS).
+func NetNSInode(t testing.TB, h *testnet.Host) uint32 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Stat("/run/netns/"+h.NS, &st); err != nil {
+		t.Fatalf("namespace %s: %v", h.NS, err)
+	}
+	return uint32(st.Ino)
+}
+
+// Port is the counter key of a port in a test host's namespace.
+func Port(t testing.TB, h *testnet.Host, port uint16) bpf.PortKey {
+	t.Helper()
+	return bpf.PortKey{NetNS: NetNSInode(t, h), Port: port}
+}
+
+// WaitCounters polls the probe's counters of one (namespace, port) until ok
+// accepts them and returns them, or fails the test after 10 seconds.
+func WaitCounters(t testing.TB, p *bpf.Probe, key bpf.PortKey, ok func(bpf.PortCounters) bool) bpf.PortCounters {
+	t.Helper()
+	var got bpf.PortCounters
+	for deadline := time.Now().Add(10 * time.Second); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+		counters, err := p.PortCounters()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got = counters[key]; ok(got) {
+			return got
+		}
+	}
+	t.Fatalf("counters of port %d in netns %d: %+v", key.Port, key.NetNS, got)
+	return got
 }

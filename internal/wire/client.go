@@ -34,6 +34,11 @@ type ClientConfig struct {
 	// OnDropped is called, on the reader goroutine, when the agent reports
 	// that it dropped events for this client. Nil ignores the notices.
 	OnDropped func(Dropped)
+	// Kinds limits the events the agent sends to these kinds (KindMask);
+	// zero means every kind. A server that only needs to know that clients
+	// are gone asks for KindPeerFIN, KindPeerReset, KindError and
+	// KindClosed, and the agent does not spend a write on the others.
+	Kinds uint32
 }
 
 // Client is a session with the agent. Its methods are safe for concurrent
@@ -42,6 +47,7 @@ type Client struct {
 	conn    *Conn
 	cfg     ClientConfig
 	welcome Welcome
+	version uint8 // picked by the agent
 
 	nextReq atomic.Uint32
 
@@ -107,7 +113,11 @@ func sanitizeName(s string) string {
 func (c *Client) handshake(ctx context.Context) error {
 	stop := context.AfterFunc(ctx, func() { c.conn.uc.SetDeadline(time.Unix(1, 0)) })
 	defer stop()
-	hello := Frame{Type: TypeHello, Hello: Hello{PID: uint32(os.Getpid()), Name: c.cfg.Name}}
+	hello := Frame{Type: TypeHello, Version: MinVersion, Hello: Hello{
+		PID: uint32(os.Getpid()), Name: c.cfg.Name,
+		MinVersion: MinVersion, MaxVersion: MaxVersion, MaxPacket: MaxPacketSize,
+		Kinds: c.cfg.Kinds,
+	}}
 	if err := c.conn.WriteFrame(&hello, -1); err != nil {
 		return ctxErr(ctx, fmt.Errorf("sending hello: %w", err))
 	}
@@ -121,7 +131,12 @@ func (c *Client) handshake(ctx context.Context) error {
 	}
 	switch f.Type {
 	case TypeWelcome:
+		if f.Version < MinVersion || f.Version > MaxVersion {
+			return fmt.Errorf("%w: the agent picked version %d, this side speaks %d to %d", ErrVersion, f.Version, MinVersion, MaxVersion)
+		}
 		c.welcome = f.Welcome
+		c.version = f.Version
+		c.conn.SetVersion(f.Version)
 		return nil
 	case TypeError:
 		e := f.Error
@@ -139,6 +154,9 @@ func ctxErr(ctx context.Context, err error) error {
 
 // Welcome returns what the agent said when the session opened.
 func (c *Client) Welcome() Welcome { return c.welcome }
+
+// Version returns the protocol version the agent picked for the session.
+func (c *Client) Version() uint8 { return c.version }
 
 func (c *Client) readLoop() {
 	var f Frame

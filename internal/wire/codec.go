@@ -5,22 +5,24 @@ import (
 	"unicode/utf8"
 )
 
-// Append encodes f and appends it to b. It fails only for values the
-// protocol cannot carry (a name or message too long, an unknown type).
+// Append encodes f and appends it to b, in f.Version (MaxVersion if zero).
+// It fails only for values the protocol cannot carry (a name or message too
+// long, an unknown type). Frames appended one after another form a batch
+// that can travel as one packet.
 func Append(b []byte, f *Frame) ([]byte, error) {
 	var flags uint8
 	if fdTypes[f.Type] {
 		flags |= FlagFD
 	}
-	size, fixed := payloadSizes[f.Type]
+	size, known := payloadSizes[f.Type]
+	if !known {
+		return b, fmt.Errorf("%w: %s", ErrUnknownType, f.Type)
+	}
 	if f.Type == TypeError {
 		if len(f.Error.Message) > MaxErrorMessage {
 			return b, fmt.Errorf("wire: error message of %d bytes exceeds %d", len(f.Error.Message), MaxErrorMessage)
 		}
-		size, fixed = errorMinSize+len(f.Error.Message), true
-	}
-	if !fixed {
-		return b, fmt.Errorf("%w: %s", ErrUnknownType, f.Type)
+		size += len(f.Error.Message)
 	}
 	if f.Type == TypeHello && len(f.Hello.Name) > MaxNameLen {
 		return b, fmt.Errorf("wire: name of %d bytes exceeds %d", len(f.Hello.Name), MaxNameLen)
@@ -28,17 +30,17 @@ func Append(b []byte, f *Frame) ([]byte, error) {
 	start := len(b)
 	b = append(b, make([]byte, HeaderSize+size)...)
 	h := b[start:]
-	h[0], h[1] = magic[0], magic[1]
-	h[2] = Version
-	h[3] = uint8(f.Type)
-	h[4] = flags
-	h[5] = 0
-	le.PutUint16(h[6:], uint16(size))
+	putHeader(h, f.Version, f.Type, flags, size)
 	p := h[HeaderSize:]
 	switch f.Type {
 	case TypeHello:
-		le.PutUint32(p[0:], f.Hello.PID)
-		putName(p[4:], f.Hello.Name)
+		hl := &f.Hello
+		le.PutUint32(p[0:], hl.PID)
+		putName(p[4:], hl.Name)
+		o := 4 + MaxNameLen
+		p[o], p[o+1] = hl.MinVersion, hl.MaxVersion
+		le.PutUint16(p[o+2:], hl.MaxPacket)
+		le.PutUint32(p[o+4:], hl.Kinds)
 	case TypeWelcome:
 		w := &f.Welcome
 		le.PutUint32(p[0:], w.AgentPID)
@@ -95,15 +97,26 @@ func Append(b []byte, f *Frame) ([]byte, error) {
 	return b, nil
 }
 
-// AppendEvent is Append for an Event frame, without the checks it does not
-// need and without allocating when b has room.
-func AppendEvent(b []byte, e *Event) []byte {
+func putHeader(h []byte, version uint8, t Type, flags uint8, size int) {
+	if version == 0 {
+		version = MaxVersion
+	}
+	h[0], h[1], h[2], h[3] = magic[0], magic[1], version, uint8(t)
+	h[4], h[5] = flags, 0
+	le.PutUint16(h[6:], uint16(size))
+}
+
+// EventFrameSize is the size of an Event frame as this version writes it.
+const EventFrameSize = HeaderSize + eventSize
+
+// AppendEvent is Append for an Event frame in version v (MaxVersion if
+// zero), without the checks it does not need and without allocating when b
+// has room.
+func AppendEvent(b []byte, v uint8, e *Event) []byte {
 	start := len(b)
-	b = append(b, make([]byte, HeaderSize+eventSize)...)
+	b = append(b, make([]byte, EventFrameSize)...)
 	h := b[start:]
-	h[0], h[1], h[2], h[3] = magic[0], magic[1], Version, uint8(TypeEvent)
-	h[4], h[5] = 0, 0
-	le.PutUint16(h[6:], eventSize)
+	putHeader(h, v, TypeEvent, 0, eventSize)
 	putEvent(h[HeaderSize:], e)
 	return b
 }
@@ -121,60 +134,80 @@ func putEvent(p []byte, e *Event) {
 	putAddr(p[48+addrSize:], e.Remote)
 }
 
-// Decode decodes one frame. nfds is the number of file descriptors that
-// arrived with it; a frame whose type needs one (Register) must carry
-// exactly one, and others none. Errors wrap ErrTruncated, ErrGarbage,
-// ErrVersion, ErrUnknownType, ErrTooLarge, ErrMissingFD, ErrUnexpectedFD or
-// ErrMalformed. On ErrMissingFD and ErrUnexpectedFD, f holds the otherwise
-// valid frame. Decode does not allocate except for names and messages.
+// FrameLen checks the header at the start of b (a packet of one or more
+// frames) and returns the size of its first frame, header included. Errors
+// wrap ErrTruncated, ErrGarbage, ErrVersion or ErrTooLarge.
+func FrameLen(b []byte) (int, error) {
+	if len(b) < HeaderSize {
+		return 0, fmt.Errorf("%w: %d bytes, header needs %d", ErrTruncated, len(b), HeaderSize)
+	}
+	if b[0] != magic[0] || b[1] != magic[1] {
+		return 0, fmt.Errorf("%w: bad magic %#02x%02x", ErrGarbage, b[0], b[1])
+	}
+	if b[2] < MinVersion {
+		return 0, fmt.Errorf("%w: frame of version %d, this side speaks %d to %d", ErrVersion, b[2], MinVersion, MaxVersion)
+	}
+	n := HeaderSize + int(le.Uint16(b[6:]))
+	if n > MaxFrameSize {
+		return 0, fmt.Errorf("%w: frame of %d bytes, limit %d", ErrTooLarge, n, MaxFrameSize)
+	}
+	if len(b) < n {
+		return 0, fmt.Errorf("%w: %s frame says %d payload bytes, has %d", ErrTruncated, Type(b[3]), n-HeaderSize, len(b)-HeaderSize)
+	}
+	return n, nil
+}
+
+// Decode decodes the one frame that b holds. nfds is the number of file
+// descriptors that arrived with it; a frame whose type needs one (Register)
+// must carry exactly one, and others none. A payload longer than the
+// layout this version knows is accepted and its tail ignored (a newer peer
+// added fields). Errors wrap ErrTruncated, ErrGarbage, ErrVersion,
+// ErrUnknownType, ErrTooLarge, ErrMissingFD, ErrUnexpectedFD or
+// ErrMalformed. On ErrVersion, f.Version holds the frame's version; on
+// ErrMissingFD and ErrUnexpectedFD, f holds the otherwise valid frame.
+// Decode does not allocate except for names and messages.
 func Decode(b []byte, nfds int, f *Frame) error {
 	if len(b) > MaxFrameSize {
 		return fmt.Errorf("%w: %d bytes, limit %d", ErrTooLarge, len(b), MaxFrameSize)
 	}
-	if len(b) < HeaderSize {
-		return fmt.Errorf("%w: %d bytes, header needs %d", ErrTruncated, len(b), HeaderSize)
+	if len(b) >= HeaderSize && b[0] == magic[0] && b[1] == magic[1] {
+		f.Version = b[2]
 	}
-	if b[0] != magic[0] || b[1] != magic[1] {
-		return fmt.Errorf("%w: bad magic %#02x%02x", ErrGarbage, b[0], b[1])
+	n, err := FrameLen(b)
+	if err != nil {
+		return err
 	}
-	if b[2] != Version {
-		return fmt.Errorf("%w: peer speaks version %d, this side %d", ErrVersion, b[2], Version)
+	if len(b) > n {
+		return fmt.Errorf("%w: %d trailing bytes after %s frame", ErrGarbage, len(b)-n, Type(b[3]))
 	}
 	t := Type(b[3])
 	flags := b[4]
 	if flags&^FlagFD != 0 || b[5] != 0 {
 		return fmt.Errorf("%w: unknown flags %#x/%#x", ErrGarbage, flags, b[5])
 	}
-	size := int(le.Uint16(b[6:]))
-	p := b[HeaderSize:]
-	if len(p) < size {
-		return fmt.Errorf("%w: %s frame says %d payload bytes, has %d", ErrTruncated, t, size, len(p))
-	}
-	if len(p) > size {
-		return fmt.Errorf("%w: %d trailing bytes after %s frame", ErrGarbage, len(p)-size, t)
-	}
+	p := b[HeaderSize:n]
 	want, known := payloadSizes[t]
-	if t == TypeError {
-		known = true
-		want = -1
-	}
 	if !known {
 		return fmt.Errorf("%w: %d", ErrUnknownType, uint8(t))
 	}
-	if want >= 0 && size != want {
-		if size < want {
-			return fmt.Errorf("%w: %s payload is %d bytes, want %d", ErrTruncated, t, size, want)
-		}
-		return fmt.Errorf("%w: %s payload is %d bytes, want %d", ErrMalformed, t, size, want)
+	if len(p) < want {
+		return fmt.Errorf("%w: %s payload is %d bytes, needs at least %d", ErrTruncated, t, len(p), want)
 	}
 	claims := flags&FlagFD != 0
 	f.Type = t
 	f.FD = claims
-	var err error
 	switch t {
 	case TypeHello:
-		f.Hello.PID = le.Uint32(p[0:])
-		f.Hello.Name, err = getName(p[4:])
+		h := &f.Hello
+		h.PID = le.Uint32(p[0:])
+		h.Name, err = getName(p[4:])
+		o := 4 + MaxNameLen
+		h.MinVersion, h.MaxVersion = p[o], p[o+1]
+		h.MaxPacket = le.Uint16(p[o+2:])
+		h.Kinds = le.Uint32(p[o+4:])
+		if err == nil && (h.MinVersion == 0 || h.MinVersion > h.MaxVersion) {
+			err = fmt.Errorf("%w: version range %d to %d", ErrMalformed, h.MinVersion, h.MaxVersion)
+		}
 	case TypeWelcome:
 		f.Welcome = Welcome{
 			AgentPID:     le.Uint32(p[0:]),
@@ -275,20 +308,17 @@ func decodeError(p []byte, e *Error) error {
 	default:
 		return fmt.Errorf("%w: fatal flag %d", ErrMalformed, p[6])
 	}
-	if p[7] != 0 {
-		return fmt.Errorf("%w: reserved byte %#x", ErrMalformed, p[7])
-	}
+	// p[7] is reserved: written as zero, ignored when read.
 	n := int(le.Uint16(p[8:]))
 	msg := p[errorMinSize:]
 	if n > MaxErrorMessage {
 		return fmt.Errorf("%w: error message of %d bytes exceeds %d", ErrMalformed, n, MaxErrorMessage)
 	}
-	if len(msg) != n {
-		if len(msg) < n {
-			return fmt.Errorf("%w: error message says %d bytes, has %d", ErrTruncated, n, len(msg))
-		}
-		return fmt.Errorf("%w: error message says %d bytes, has %d", ErrMalformed, n, len(msg))
+	if len(msg) < n {
+		return fmt.Errorf("%w: error message says %d bytes, has %d", ErrTruncated, n, len(msg))
 	}
+	// Bytes after the message are fields of a newer version.
+	msg = msg[:n]
 	if !utf8.Valid(msg) {
 		return fmt.Errorf("%w: error message is not UTF-8", ErrMalformed)
 	}

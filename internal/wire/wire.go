@@ -1,8 +1,20 @@
 // Package wire is the protocol between the host agent (hangupd) and the
 // servers that subscribe to it (httpx), spoken over a SOCK_SEQPACKET unix
-// socket. Every message is one frame: a fixed 8-byte header followed by a
-// fixed-layout payload whose size the frame type decides (only Error frames
-// carry a bounded variable-length message). Integers are little-endian.
+// socket. A message is a frame: a fixed 8-byte header followed by a payload
+// whose layout the frame type decides (only Error frames carry a bounded
+// variable-length message). Integers are little-endian. A packet carries
+// one frame or, from the agent, several back to back (a batch of events);
+// a packet with a file descriptor carries exactly one frame.
+//
+// The protocol can grow without breaking deployed peers:
+//
+//   - Versions are a range. Hello carries the client's lowest and highest
+//     version; the agent answers with a Welcome written in the version it
+//     picked (the header's version byte), or refuses with CodeVersion.
+//   - Payloads may grow. Each type has a fixed-layout prefix that never
+//     changes; a later version may append fields. Decoders accept a payload
+//     longer than the prefix they know and ignore the rest, so an old peer
+//     reads a new peer's frames.
 //
 // A session goes:
 //
@@ -13,9 +25,9 @@
 //	                 <─────────────  Registered (or Error with the request id)
 //	                 <─────────────  Event, Event, Dropped, Event ...
 //
-// Decode rejects garbage, truncated frames, other protocol versions, unknown
-// types and frames that claim a file descriptor without carrying one (or
-// carry one they should not) with errors that wrap the sentinels below.
+// Decode rejects garbage, truncated frames, versions older than MinVersion,
+// unknown types and frames that claim a file descriptor without carrying one
+// (or carry one they should not) with errors that wrap the sentinels below.
 package wire
 
 import (
@@ -25,9 +37,16 @@ import (
 	"net/netip"
 )
 
-// Version is the protocol version this package speaks. A peer speaking
-// another version is refused with an Error frame of code CodeVersion.
-const Version = 1
+// The protocol versions this package speaks. Version 1 (fixed payload
+// sizes, one frame per packet, no version range) is not spoken any more: its
+// peers are refused with CodeVersion.
+const (
+	MinVersion = 2
+	MaxVersion = 2
+)
+
+// Version is the newest protocol version this package speaks.
+const Version = MaxVersion
 
 // DefaultSocketPath is where hangupd listens unless told otherwise.
 const DefaultSocketPath = "/run/hangup/hangup.sock"
@@ -35,9 +54,14 @@ const DefaultSocketPath = "/run/hangup/hangup.sock"
 // HeaderSize is the size of the frame header.
 const HeaderSize = 8
 
-// MaxFrameSize bounds every frame; a receiver reads at most this many bytes
-// and treats anything longer as an error.
-const MaxFrameSize = 512
+// MaxFrameSize bounds every frame, header included; a frame claiming more
+// is an error. It leaves room for payloads to grow.
+const MaxFrameSize = 1024
+
+// MaxPacketSize bounds every packet; a receiver reads at most this many
+// bytes and treats anything longer as an error. The agent sends a client
+// packets of at most the size its Hello asked for (Hello.MaxPacket).
+const MaxPacketSize = 16384
 
 // MaxErrorMessage bounds the message of an Error frame.
 const MaxErrorMessage = 256
@@ -98,8 +122,9 @@ var (
 	ErrMalformed    = errors.New("wire: malformed payload")
 )
 
-// payloadSizes is the exact payload size of each fixed-layout type; Error
-// has a minimum instead (see decodeError).
+// payloadSizes is the size of each type's fixed-layout prefix, the payload
+// this version writes; a longer payload is accepted and its tail ignored.
+// Error's prefix is followed by its message (see decodeError).
 var payloadSizes = map[Type]int{
 	TypeHello:          helloSize,
 	TypeWelcome:        welcomeSize,
@@ -108,6 +133,7 @@ var payloadSizes = map[Type]int{
 	TypeEvent:          eventSize,
 	TypeDropped:        droppedSize,
 	TypeStatusRequest:  0,
+	TypeError:          errorMinSize,
 	TypeStatusListener: statusListenerSize,
 	TypeStatusEnd:      statusEndSize,
 }
@@ -120,6 +146,9 @@ var le = binary.LittleEndian
 // Frame is one decoded frame: Type says which of the payload fields is set.
 type Frame struct {
 	Type Type
+	// Version is the protocol version the frame is written in (the
+	// header's version byte). Append writes MaxVersion when it is zero.
+	Version uint8
 	// FD reports whether the frame carries a file descriptor (FlagFD).
 	FD bool
 	// The payload: only the field named by Type is meaningful (none for
@@ -136,15 +165,40 @@ type Frame struct {
 	StatusEnd      StatusEnd
 }
 
-// Hello opens a session (client to agent).
+// Hello opens a session (client to agent). It is written in the client's
+// MinVersion, so that an agent that speaks only that version can read it.
 type Hello struct {
 	PID  uint32 // informational; the agent trusts SO_PEERCRED instead
 	Name string // a short client name for logs and metrics, at most MaxNameLen bytes
+	// MinVersion and MaxVersion are the range of protocol versions the
+	// client speaks; the agent picks one, or refuses with CodeVersion.
+	MinVersion, MaxVersion uint8
+	// MaxPacket is the largest packet the client reads: the agent batches
+	// events into packets of at most this size. Below HeaderSize+the event
+	// payload (e.g. 0) it means one frame per packet.
+	MaxPacket uint16
+	// Kinds are the event kinds the client wants, bit 1<<kind each (see
+	// KindMask); zero means every kind. The agent sends no other events
+	// and spends nothing on them.
+	Kinds uint32
 }
 
-const helloSize = 4 + MaxNameLen
+const helloSize = 4 + MaxNameLen + 1 + 1 + 2 + 4
 
-// Welcome answers Hello (agent to client) with the agent's limits.
+// KindMask is the Hello.Kinds value that asks for the given kinds.
+func KindMask(kinds ...uint8) uint32 {
+	var m uint32
+	for _, k := range kinds {
+		if k < 32 {
+			m |= 1 << k
+		}
+	}
+	return m
+}
+
+// Welcome answers Hello (agent to client) with the agent's limits. It is
+// written in the protocol version the agent picked for the session (see
+// Frame.Version); every later frame of the session is too.
 type Welcome struct {
 	AgentPID     uint32
 	SubscriberID uint32 // the agent's id for this session, as in its logs and metrics

@@ -3,14 +3,18 @@ package wire
 import (
 	"bytes"
 	"errors"
+	"net"
 	"net/netip"
+	"os"
 	"reflect"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 func sampleFrames() []Frame {
-	return []Frame{
-		{Type: TypeHello, Hello: Hello{PID: 42, Name: "api-server"}},
+	fs := []Frame{
+		{Type: TypeHello, Version: 2, Hello: Hello{PID: 42, Name: "api-server", MinVersion: 2, MaxVersion: 2, MaxPacket: MaxPacketSize, Kinds: KindMask(KindPeerFIN, KindClosed)}},
 		{Type: TypeWelcome, Welcome: Welcome{AgentPID: 7, SubscriberID: 3, MaxListeners: 64, QueueLen: 4096}},
 		{Type: TypeRegister, FD: true, Register: Register{Request: 9}},
 		{Type: TypeRegistered, Registered: Registered{Request: 9, Listener: 12, NetNS: 4096,
@@ -31,6 +35,12 @@ func sampleFrames() []Frame {
 			Addr: netip.MustParseAddrPort("0.0.0.0:80")}},
 		{Type: TypeStatusEnd, StatusEnd: StatusEnd{Subscribers: 1, Tracked: 2, Events: 3, Lost: 4, Dropped: 5, UptimeSec: 6}},
 	}
+	for i := range fs {
+		if fs[i].Version == 0 {
+			fs[i].Version = Version
+		}
+	}
+	return fs
 }
 
 func fdsFor(f *Frame) int {
@@ -69,11 +79,11 @@ func TestRoundTrip(t *testing.T) {
 func TestAppendEventMatchesAppend(t *testing.T) {
 	f := sampleFrames()[5]
 	a, _ := Append(nil, &f)
-	b := AppendEvent(nil, &f.Event)
+	b := AppendEvent(nil, 0, &f.Event)
 	if !bytes.Equal(a, b) {
 		t.Fatalf("AppendEvent differs:\n%x\n%x", a, b)
 	}
-	if n := testing.AllocsPerRun(100, func() { b = AppendEvent(b[:0], &f.Event) }); n != 0 {
+	if n := testing.AllocsPerRun(100, func() { b = AppendEvent(b[:0], 0, &f.Event) }); n != 0 {
 		t.Errorf("AppendEvent allocates %v times", n)
 	}
 	var g Frame
@@ -93,7 +103,7 @@ func encode(t *testing.T, f Frame) []byte {
 
 func TestDecodeErrors(t *testing.T) {
 	reg := encode(t, Frame{Type: TypeRegister, Register: Register{Request: 1}})
-	hello := encode(t, Frame{Type: TypeHello, Hello: Hello{Name: "x"}})
+	hello := encode(t, Frame{Type: TypeHello, Hello: Hello{Name: "x", MinVersion: 2, MaxVersion: 2}})
 	errf := encode(t, Frame{Type: TypeError, Error: Error{Code: 1, Message: "hello"}})
 	mod := func(b []byte, fn func([]byte)) []byte {
 		c := bytes.Clone(b)
@@ -109,14 +119,18 @@ func TestDecodeErrors(t *testing.T) {
 		{"empty", nil, 0, ErrTruncated},
 		{"short header", hello[:5], 0, ErrTruncated},
 		{"garbage", []byte("GET / HTTP/1.1\r\n\r\n"), 0, ErrGarbage},
-		{"wrong version", mod(hello, func(b []byte) { b[2] = 2 }), 0, ErrVersion},
+		{"version 1", mod(hello, func(b []byte) { b[2] = 1 }), 0, ErrVersion},
+		{"version 0", mod(hello, func(b []byte) { b[2] = 0 }), 0, ErrVersion},
+		{"hello range upside down", mod(hello, func(b []byte) { b[HeaderSize+4+MaxNameLen] = 3 }), 0, ErrMalformed},
+		{"hello range from 0", mod(hello, func(b []byte) { b[HeaderSize+4+MaxNameLen] = 0 }), 0, ErrMalformed},
 		{"unknown type", mod(hello, func(b []byte) { b[3] = 200 }), 0, ErrUnknownType},
 		{"unknown flag", mod(hello, func(b []byte) { b[4] = 0x80 }), 0, ErrGarbage},
 		{"truncated payload", hello[:len(hello)-1], 0, ErrTruncated},
 		{"trailing bytes", append(bytes.Clone(hello), 0), 0, ErrGarbage},
 		{"length lies short", mod(hello, func(b []byte) { b[6]-- }), 0, ErrGarbage},
-		{"payload size wrong for type", mod(hello, func(b []byte) { b[3] = byte(TypeDropped) }), 0, ErrMalformed},
+		{"payload too short for type", mod(reg, func(b []byte) { b[3] = byte(TypeEvent); b[4] = 0 }), 0, ErrTruncated},
 		{"too large", make([]byte, MaxFrameSize+1), 0, ErrTooLarge},
+		{"length beyond the frame limit", mod(hello, func(b []byte) { b[6], b[7] = 0xff, 0xff }), 0, ErrTooLarge},
 		{"register claims fd, carries none", reg, 0, ErrMissingFD},
 		{"register without fd flag", mod(reg, func(b []byte) { b[4] = 0 }), 1, ErrMissingFD},
 		{"register with two fds", reg, 2, ErrUnexpectedFD},
@@ -180,8 +194,104 @@ func TestErrorIs(t *testing.T) {
 	}
 }
 
+// A newer peer's frames: a higher version, fields appended to the payload
+// (and after an error's message). This side reads what it knows and
+// ignores the rest.
+func TestNewerPeerFrames(t *testing.T) {
+	for _, want := range sampleFrames() {
+		t.Run(want.Type.String(), func(t *testing.T) {
+			b := encode(t, want)
+			extra := []byte{0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4}
+			b = append(b, extra...)
+			b[2] = 9 // a version this side does not know
+			le.PutUint16(b[6:], le.Uint16(b[6:])+uint16(len(extra)))
+			var got Frame
+			if err := Decode(b, fdsFor(&want), &got); err != nil {
+				t.Fatalf("decoding a newer peer's %s: %v", want.Type, err)
+			}
+			want.Version = 9
+			if !reflect.DeepEqual(got, want) {
+				t.Fatalf("newer peer's frame:\n got %+v\nwant %+v", got, want)
+			}
+		})
+	}
+}
+
+// Frames sent as one packet come out of ReadFrame one by one, in order.
+func TestBatchPacket(t *testing.T) {
+	a, b := socketPair(t)
+	frames := sampleFrames()
+	var pkt []byte
+	var want []Frame
+	for _, f := range frames {
+		if f.Type == TypeRegister {
+			continue // carries a descriptor: never batched
+		}
+		var err error
+		if pkt, err = Append(pkt, &f); err != nil {
+			t.Fatal(err)
+		}
+		want = append(want, f)
+	}
+	if err := a.TryWritePacket(pkt); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.WritePacket(AppendEvent(nil, 0, &frames[5].Event)); err != nil {
+		t.Fatal(err)
+	}
+	want = append(want, frames[5])
+	for i, w := range want {
+		var f Frame
+		fd, err := b.ReadFrame(&f)
+		if err != nil || fd != -1 {
+			t.Fatalf("frame %d: fd %d, %v", i, fd, err)
+		}
+		if !reflect.DeepEqual(f, w) {
+			t.Fatalf("frame %d:\n got %+v\nwant %+v", i, f, w)
+		}
+	}
+	// A bad frame inside a batch is an error; the rest of that packet is
+	// dropped and the connection stays usable.
+	bad := append(encode(t, frames[7]), "garbage!"...)
+	bad = append(bad, encode(t, frames[7])...)
+	if err := a.WritePacket(bad); err != nil {
+		t.Fatal(err)
+	}
+	a.WritePacket(encode(t, frames[6]))
+	var f Frame
+	if _, err := b.ReadFrame(&f); err != nil || f.Type != TypeDropped {
+		t.Fatalf("first frame of the bad batch: %s %v", f.Type, err)
+	}
+	if _, err := b.ReadFrame(&f); !errors.Is(err, ErrGarbage) {
+		t.Fatalf("garbage in a batch: %v", err)
+	}
+	if _, err := b.ReadFrame(&f); err != nil || f.Type != TypeEvent {
+		t.Fatalf("after the bad batch: %s %v", f.Type, err)
+	}
+}
+
+func socketPair(t *testing.T) (*Conn, *Conn) {
+	t.Helper()
+	fds, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conn := func(fd int) *Conn {
+		f := os.NewFile(uintptr(fd), "seqpacket")
+		defer f.Close()
+		c, err := net.FileConn(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		return NewConn(c.(*net.UnixConn))
+	}
+	return conn(fds[0]), conn(fds[1])
+}
+
 // FuzzDecode checks that Decode never panics, and that whatever it accepts
-// re-encodes to the same bytes.
+// re-encodes to a frame that decodes to the same value (a longer payload
+// loses only the tail this version does not know).
 func FuzzDecode(f *testing.F) {
 	for _, fr := range sampleFrames() {
 		b, err := Append(nil, &fr)
@@ -190,8 +300,14 @@ func FuzzDecode(f *testing.F) {
 		}
 		f.Add(b, uint8(fdsFor(&fr)))
 		f.Add(b[:len(b)/2], uint8(0))
+		// As a newer peer would send it.
+		longer := append(bytes.Clone(b), 0, 0, 0, 0)
+		longer[2] = 7
+		le.PutUint16(longer[6:], le.Uint16(longer[6:])+4)
+		f.Add(longer, uint8(fdsFor(&fr)))
 	}
-	f.Add([]byte("HU\x01\x05\x00\x00\xff\xff"), uint8(0))
+	f.Add([]byte("HU\x02\x05\x00\x00\xff\xff"), uint8(0))
+	f.Add([]byte("HU\x01\x01\x00\x00\x00\x00"), uint8(0))
 	f.Add([]byte{}, uint8(1))
 	f.Fuzz(func(t *testing.T, b []byte, nfds uint8) {
 		var fr Frame
@@ -202,8 +318,15 @@ func FuzzDecode(f *testing.F) {
 		if err != nil {
 			t.Fatalf("decoded frame does not re-encode: %v (%+v)", err, fr)
 		}
-		if !bytes.Equal(out, b) {
-			t.Fatalf("re-encoding differs:\n in %x\nout %x", b, out)
+		var again Frame
+		if err := Decode(out, int(nfds%3), &again); err != nil {
+			t.Fatalf("re-encoded frame does not decode: %v\n in %x\nout %x", err, b, out)
+		}
+		if !reflect.DeepEqual(again, fr) {
+			t.Fatalf("re-encoding changed the frame:\n%+v\n%+v", fr, again)
+		}
+		if len(out) > len(b) {
+			t.Fatalf("re-encoding grew the frame: in %x out %x", b, out)
 		}
 	})
 }

@@ -1,0 +1,22 @@
+//go:build linux
+
+package bpf
+
+import "github.com/cilium/ebpf/btf"
+
+// LoadOldest loads the probe with the oldest variant of every hook (the
+// programs for Linux 6.1's tracepoint signatures), so that this kernel can
+// test how they classify.
+func LoadOldest(opts Options) (*Probe, error) {
+	return load(opts, kernelBTFPath, func(kernel *btf.Spec) ([]hook, error) {
+		hooks, err := selectHooks(kernel)
+		for i := range hooks {
+			for _, tp := range tracepoints {
+				if tp.name == hooks[i].tracepoint {
+					hooks[i].program = tp.variants[len(tp.variants)-1].program
+				}
+			}
+		}
+		return hooks, err
+	})
+}
