@@ -116,7 +116,10 @@ func (s *agentSource) dial() (*wire.Client, error) {
 	ctx, cancel := context.WithTimeout(s.ctx, agentDialWait)
 	defer cancel()
 	return wire.Dial(ctx, s.path, wire.ClientConfig{
-		Name:      "httpx:" + filepath.Base(os.Args[0]),
+		Name: "httpx:" + filepath.Base(os.Args[0]),
+		// Only what can say a client went away: the agent spends nothing
+		// on the rest (opened, retransmit, local reset).
+		Kinds:     wire.KindMask(detect.ProbeKindPeerFIN, detect.ProbeKindPeerReset, detect.ProbeKindError, detect.ProbeKindClosed),
 		OnEvent:   s.onEvent,
 		OnDropped: s.onDropped,
 	})
