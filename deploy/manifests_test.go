@@ -297,6 +297,9 @@ func TestKubernetesManifests(t *testing.T) {
 	if sock != wire.DefaultSocketPath {
 		t.Errorf("DaemonSet: socket %s, want the default %s that servers dial", sock, wire.DefaultSocketPath)
 	}
+	if g := flag("socket.group"); g != "" && toString(get(sc, "runAsGroup")) != g {
+		t.Errorf("DaemonSet: runAsGroup %v, want the socket's group %s (hangupd has no CAP_CHOWN)", get(sc, "runAsGroup"), g)
+	}
 	sockDir := path.Dir(sock)
 	if hp, ro := hostPathMount(pod, c, sockDir); hp != sockDir || ro {
 		t.Errorf("DaemonSet: %s is mounted from hostPath %q (read-only %v), want %s read-write", sockDir, hp, ro, sockDir)
@@ -411,8 +414,8 @@ func TestDockerfile(t *testing.T) {
 	if inst["FROM"] != "scratch" {
 		t.Errorf("FROM %q, want scratch", inst["FROM"])
 	}
-	if inst["ENTRYPOINT"] != `["/hangupd"]` || inst["COPY"] != "bin/hangupd /hangupd" {
-		t.Errorf("ENTRYPOINT %s, COPY %s: want bin/hangupd copied to /hangupd and run", inst["ENTRYPOINT"], inst["COPY"])
+	if inst["ENTRYPOINT"] != `["/hangupd"]` || inst["COPY"] != "hangupd /hangupd" {
+		t.Errorf("ENTRYPOINT %s, COPY %s: want hangupd (from the bin/ context) copied to /hangupd and run", inst["ENTRYPOINT"], inst["COPY"])
 	}
 	var cmdArgs []string
 	if err := yaml.Unmarshal([]byte(inst["CMD"]), &cmdArgs); err != nil {
@@ -428,13 +431,7 @@ func TestDockerfile(t *testing.T) {
 
 	// The binary, built as the Dockerfile's comment says, has no
 	// interpreter: it runs in an empty image.
-	bin := filepath.Join(t.TempDir(), "hangupd")
-	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "github.com/hangup-io/hangup/cmd/hangupd")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building hangupd: %v\n%s", err, out)
-	}
-	f, err := elf.Open(bin)
+	f, err := elf.Open(buildStatic(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -444,4 +441,17 @@ func TestDockerfile(t *testing.T) {
 			t.Errorf("hangupd built with CGO_ENABLED=0 is dynamically linked (%v)", p.Type)
 		}
 	}
+}
+
+// buildStatic builds hangupd as the Dockerfile says, into a directory
+// removed when the test ends, and returns its path.
+func buildStatic(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "hangupd")
+	cmd := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", bin, "github.com/hangup-io/hangup/cmd/hangupd")
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building hangupd: %v\n%s", err, out)
+	}
+	return bin
 }

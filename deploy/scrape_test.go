@@ -140,23 +140,40 @@ func startHangupd(t *testing.T) agentProcess {
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	sock := filepath.Join(dir, "hangup.sock")
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	logs := &testutil.Buffer{}
+	addr := freeAddr(t)
 	// Every port keeps its own label: the probe sees the whole host, and
 	// other tests' ports must not push this test's into "other".
 	cmd := exec.Command(bin, "--web.listen-address="+addr, "--socket.path="+sock,
 		"--metrics.max-ports=65536", "--log.format=json")
+	a := agentProcess{url: "http://" + addr + "/metrics", socket: sock}
+	runAgent(t, cmd, a, &testutil.Buffer{})
+	return a
+}
+
+// freeAddr returns a loopback address with a port free a moment ago.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// runAgent starts cmd, a hangupd (or a wrapper that runs one), logging to
+// logs, and waits until a's socket exists and its metrics answer. It stops
+// the process with SIGTERM when the test ends. A probe that cannot load
+// skips the test, or fails it under HANGUP_REQUIRE_BPF=1.
+func runAgent(t *testing.T, cmd *exec.Cmd, a agentProcess, logs *testutil.Buffer) {
+	t.Helper()
 	cmd.Stderr = logs
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
+	exited := make(chan struct{})
+	var waitErr error
+	go func() { waitErr = cmd.Wait(); close(exited) }()
 	t.Cleanup(func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		select {
@@ -169,21 +186,20 @@ func startHangupd(t *testing.T) agentProcess {
 			t.Logf("hangupd logs:\n%s", logs.String())
 		}
 	})
-	a := agentProcess{url: "http://" + addr + "/metrics", socket: sock}
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		if _, err := os.Stat(sock); err == nil {
+		if _, err := os.Stat(a.socket); err == nil {
 			if resp, err := http.Get(a.url); err == nil {
 				resp.Body.Close()
-				return a
+				return
 			}
 		}
 		select {
-		case err := <-exited:
+		case <-exited:
 			if strings.Contains(logs.String(), "permission denied") || strings.Contains(logs.String(), "not supported") {
-				testnet.SkipOrFail(t, "hangupd cannot load the probe: %v\n%s", err, logs.String())
+				testnet.SkipOrFail(t, "hangupd cannot load the probe: %v\n%s", waitErr, logs.String())
 			}
-			t.Fatalf("hangupd exited: %v\n%s", err, logs.String())
+			t.Fatalf("hangupd exited: %v\n%s", waitErr, logs.String())
 		case <-time.After(50 * time.Millisecond):
 		}
 		if time.Now().After(deadline) {

@@ -2,9 +2,9 @@
 # repository's root:
 #
 #   (cd examples/orders && CGO_ENABLED=0 go build -trimpath -ldflags='-s -w' -o ../../bin/orders .)
-#   docker build -f deploy/docker/orders.Dockerfile -t orders:latest .
+#   docker build -f deploy/docker/orders.Dockerfile -t orders:latest bin
 FROM scratch
-COPY bin/orders /orders
+COPY orders /orders
 USER 10000:10000
 EXPOSE 8080
 ENTRYPOINT ["/orders"]
