@@ -46,20 +46,8 @@ func TestQueriesMatchScrapes(t *testing.T) {
 
 	// A server in its own namespace, subscribed to the agent, so that its
 	// port, namespace and subscriber series exist.
-	am, err := httpx.New(httpx.Options{Source: httpx.SourceAgent, AgentSocket: agent.socket})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { am.Close() })
-	ln, err := pair.Server.Listen("tcp", netip.AddrPortFrom(testnet.ServerAddr4, 0).String())
-	if err != nil {
-		t.Fatal(err)
-	}
+	am, ln := agentServer(t, pair.Server, agent.socket)
 	port := ln.Addr().(*net.TCPAddr).Port
-	asrv := &http.Server{Handler: am.Handler(okHandler()), ReadHeaderTimeout: 10 * time.Second}
-	am.Configure(asrv)
-	go asrv.Serve(am.Listener(ln))
-	t.Cleanup(func() { asrv.Close() })
 	waitFor(t, "the server to reach the agent", func() (bool, string) {
 		return am.Source() == httpx.SourceAgent, string(am.Source())
 	})
@@ -121,6 +109,27 @@ func TestQueriesMatchScrapes(t *testing.T) {
 		}
 		t.Logf("exported (scrapes, plus recorded series):\n%s", b.String())
 	}
+}
+
+// agentServer runs an HTTP server in host's namespace whose httpx Monitor
+// uses the agent at socket and registers the server's listener with it.
+// Both stop when the test ends.
+func agentServer(t *testing.T, host *testnet.Host, socket string) (*httpx.Monitor, net.Listener) {
+	t.Helper()
+	m, err := httpx.New(httpx.Options{Source: httpx.SourceAgent, AgentSocket: socket})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	ln, err := host.Listen("tcp", netip.AddrPortFrom(host.Addr4, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: m.Handler(okHandler()), ReadHeaderTimeout: 10 * time.Second}
+	m.Configure(srv)
+	go srv.Serve(m.Listener(ln))
+	t.Cleanup(func() { srv.Close() })
+	return m, ln
 }
 
 // agentProcess is a running hangupd.

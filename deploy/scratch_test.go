@@ -3,8 +3,6 @@ package deploy
 import (
 	"fmt"
 	"io"
-	"net/http"
-	"net/netip"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -16,7 +14,6 @@ import (
 	"syscall"
 	"testing"
 
-	"github.com/hangup-io/hangup/httpx"
 	"github.com/hangup-io/hangup/internal/testnet"
 	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -198,20 +195,7 @@ func TestScratchImage(t *testing.T) {
 
 	// A server in another namespace registers its listener: seeding it
 	// enters that namespace.
-	pair := testnet.NewPair(t)
-	m, err := httpx.New(httpx.Options{Source: httpx.SourceAgent, AgentSocket: sock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { m.Close() })
-	ln, err := pair.Server.Listen("tcp", netip.AddrPortFrom(testnet.ServerAddr4, 0).String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := &http.Server{Handler: m.Handler(okHandler())}
-	m.Configure(srv)
-	go srv.Serve(m.Listener(ln))
-	t.Cleanup(func() { srv.Close() })
+	agentServer(t, testnet.NewPair(t).Server, sock)
 	waitFor(t, "the listener's registration", func() (bool, string) {
 		return strings.Contains(logs.String(), `"msg":"listener registered"`), "not in the agent's log"
 	})
