@@ -10,6 +10,9 @@ import (
 	"strings"
 	"testing"
 
+	"strconv"
+	"syscall"
+
 	"github.com/hangup-io/hangup/internal/testnet"
 	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -153,4 +156,83 @@ func TestSystemdUnit(t *testing.T) {
 func execOut(name string, args ...string) (string, error) {
 	out, err := exec.Command(name, args...).CombinedOutput()
 	return string(out), err
+}
+
+// TestSystemdCapabilities runs hangupd as the unit does, without systemd: a
+// user of its own (DynamicUser), the socket's group as a supplementary
+// group, the unit's ambient capabilities and nothing else, and the unit's
+// arguments (socket in a runtime directory of the user's, metrics on a free
+// port, the group by number). It must load the probe, create its socket and
+// seed a listener registered from another network namespace.
+func TestSystemdCapabilities(t *testing.T) {
+	testnet.RequireRoot(t)
+	bin := testutil.BuildHangupd(t)
+	b, err := os.ReadFile(unitFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := unitValues(t, b)
+	const uid, gid = 61807, 61808 // a dynamic user's range; the group stands for "hangup"
+	var ambient []uintptr
+	for _, c := range strings.Fields(strings.Join(u["AmbientCapabilities"], " ")) {
+		n, ok := capNames[strings.TrimPrefix(c, "CAP_")]
+		if !ok {
+			t.Fatalf("AmbientCapabilities: %s unknown to this test", c)
+		}
+		ambient = append(ambient, uintptr(n))
+	}
+	// RuntimeDirectory=hangup: /run/hangup, owned by the user. (t.TempDir
+	// is not: its parents are closed to other users.)
+	top, err := os.MkdirTemp("", "hangup-unit")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(top) })
+	runDir := filepath.Join(top, "hangup")
+	if err := os.Mkdir(runDir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(runDir, uid, uid); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(top, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	addr := freeAddr(t)
+	sock := filepath.Join(runDir, "hangup.sock")
+	var args []string
+	for _, a := range strings.Fields(strings.Join(u["ExecStart"], " "))[1:] {
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		switch name {
+		case "socket.path":
+			a = "--socket.path=" + sock
+		case "socket.group":
+			a = "--socket.group=" + strconv.Itoa(gid)
+		case "web.listen-address":
+			a = "--web.listen-address=" + addr
+		}
+		args = append(args, a)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Credential:  &syscall.Credential{Uid: uid, Gid: uid, Groups: []uint32{gid}},
+		AmbientCaps: ambient,
+		Pdeathsig:   syscall.SIGKILL,
+	}
+	logs := &testutil.Buffer{}
+	runAgent(t, cmd, agentProcess{url: "http://" + addr + "/metrics", socket: sock}, logs)
+	fi, err := os.Stat(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st := fi.Sys().(*syscall.Stat_t); st.Uid != uid || st.Gid != gid || fi.Mode().Perm() != 0o660 {
+		t.Errorf("socket owner %d:%d mode %v, want %d:%d 0660", st.Uid, st.Gid, fi.Mode().Perm(), uid, gid)
+	}
+	agentServer(t, testnet.NewPair(t).Server, sock)
+	waitFor(t, "the listener's registration", func() (bool, string) {
+		return strings.Contains(logs.String(), "msg=\"listener registered\""), "not in the agent's log"
+	})
+	if strings.Contains(logs.String(), "seeding the listener's existing connections") {
+		t.Errorf("seeding a listener in another namespace failed with the unit's capabilities:\n%s", logs.String())
+	}
 }
