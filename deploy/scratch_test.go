@@ -41,15 +41,27 @@ func TestMain(m *testing.M) {
 }
 
 // scratchRuntime does, in a private mount namespace (unshare --mount), what
-// a container runtime does for the DaemonSet's container: /proc and /sys
-// inside an otherwise empty root, a capability bounding set of only the
+// a container runtime does for the DaemonSet's container: a read-only root
+// that holds only /hangupd, the socket directory writable, /proc and /sys, a capability bounding set of only the
 // added capabilities, then /hangupd run as uid 0 and the container's group
 // (runAsGroup), chrooted there. Its
 // effective capabilities are then exactly those. SIGTERM is passed on.
 func scratchRuntime(root string) error {
-	for _, d := range []string{"proc", "sys"} {
-		if err := unix.Mount("/"+d, filepath.Join(root, d), "", unix.MS_BIND|unix.MS_REC, ""); err != nil {
-			return fmt.Errorf("mounting /%s: %w", d, err)
+	// The root read-only (readOnlyRootFilesystem), but for the socket's
+	// directory (the hostPath volume); the host's /proc and /sys.
+	sockDir := filepath.Join(root, path.Dir(wire.DefaultSocketPath))
+	for _, m := range []struct {
+		from, to string
+		flags    uintptr
+	}{
+		{root, root, unix.MS_BIND | unix.MS_REC},
+		{sockDir, sockDir, unix.MS_BIND},
+		{"/proc", filepath.Join(root, "proc"), unix.MS_BIND | unix.MS_REC},
+		{"/sys", filepath.Join(root, "sys"), unix.MS_BIND | unix.MS_REC},
+		{"", root, unix.MS_BIND | unix.MS_REMOUNT | unix.MS_RDONLY},
+	} {
+		if err := unix.Mount(m.from, m.to, "", m.flags, ""); err != nil {
+			return fmt.Errorf("mounting %s on %s: %w", m.from, m.to, err)
 		}
 	}
 	keep := map[int]bool{}
