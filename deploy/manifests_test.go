@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"path"
 	"path/filepath"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -454,4 +455,25 @@ func buildStatic(t *testing.T) string {
 		t.Fatalf("building hangupd: %v\n%s", err, out)
 	}
 	return bin
+}
+
+// TestPrometheusRuleMatchesRules: the Prometheus Operator's copy of the
+// rules (deploy/kubernetes/prometheusrule.yaml) holds exactly the groups of
+// the rules file that promtool tests.
+func TestPrometheusRuleMatchesRules(t *testing.T) {
+	pr, ok := loadManifests(t, "kubernetes/prometheusrule.yaml")["PrometheusRule/hangup"]
+	if !ok {
+		t.Fatal("no PrometheusRule/hangup")
+	}
+	b, err := os.ReadFile(rulesFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var rules map[string]any
+	if err := yaml.Unmarshal(b, &rules); err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(get(pr.obj, "spec", "groups"), rules["groups"]) {
+		t.Errorf("kubernetes/prometheusrule.yaml differs from %s: regenerate it with the command at its top", rulesFile)
+	}
 }
