@@ -80,7 +80,10 @@ type panel struct {
 	Title      string      `json:"title"`
 	Type       string      `json:"type"`
 	Datasource *datasource `json:"datasource"`
-	Targets    []struct {
+	GridPos    struct {
+		X, Y, W, H int
+	} `json:"gridPos"`
+	Targets []struct {
 		Expr       string      `json:"expr"`
 		RefID      string      `json:"refId"`
 		Datasource *datasource `json:"datasource"`
@@ -194,9 +197,10 @@ var promql = parser.NewParser(parser.Options{})
 // TestQueriesParse checks the rules and the dashboard without a scrape:
 // every query parses, names only hangup's metrics, up or recorded series
 // defined by the rules, and never a status code label (aborts are their own
-// outcome, not 4xx/5xx); every alert has a summary, a description and a
-// runbook that exists in docs/operations.md; every panel and variable uses
-// the datasource variable.
+// outcome, not 4xx/5xx) nor "namespace" (Kubernetes' target label); every
+// alert has a summary, a description and a runbook that exists in
+// docs/operations.md; every panel and variable uses the datasource
+// variable, and panels fit the grid without overlapping.
 func TestQueriesParse(t *testing.T) {
 	recorded := map[string]bool{}
 	for _, q := range loadQueries(t) {
@@ -270,7 +274,23 @@ func TestQueriesParse(t *testing.T) {
 			t.Errorf("dashboard: no variable %q", v)
 		}
 	}
+	type cell struct{ x, y int }
+	taken := map[cell]string{}
 	for _, p := range allPanels(d.Panels) {
+		g := p.GridPos
+		if g.W <= 0 || g.H <= 0 || g.X < 0 || g.X+g.W > 24 {
+			t.Errorf("panel %q: gridPos %+v outside the 24 columns", p.Title, g)
+		}
+		overlaps := map[string]bool{}
+		for x := g.X; x < g.X+g.W; x++ {
+			for y := g.Y; y < g.Y+g.H; y++ {
+				if other, ok := taken[cell{x, y}]; ok && !overlaps[other] {
+					overlaps[other] = true
+					t.Errorf("panel %q overlaps panel %q at %d,%d", p.Title, other, x, y)
+				}
+				taken[cell{x, y}] = p.Title
+			}
+		}
 		if p.Type == "row" {
 			continue
 		}
@@ -288,6 +308,8 @@ func checkNoStatusCode(t *testing.T, where, label string) {
 	switch label {
 	case "code", "status", "status_code", "http_status":
 		t.Errorf("%s: uses label %q: aborts are an outcome of their own, never part of status code ratios", where, label)
+	case "namespace":
+		t.Errorf("%s: uses label \"namespace\", Kubernetes' target label: hangup's network namespace label is netns", where)
 	}
 }
 
