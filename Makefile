@@ -57,3 +57,8 @@ deps-generate: ## install the BPF toolchain from Debian's packages, if missing (
 
 clean: ## remove build output
 	rm -rf $(BIN)
+
+.PHONY: rules
+rules: deps ## check the Prometheus rules and run their unit tests with promtool
+	promtool check rules deploy/prometheus/hangup.rules.yml
+	promtool test rules deploy/prometheus/tests/hangup.test.yml
