@@ -144,7 +144,7 @@ func checkCaps() []check {
 		load.detail = "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN) are effective"
 	} else {
 		load.detail = fmt.Sprintf("missing CAP_BPF/CAP_PERFMON (CapEff=%016x)", caps)
-		load.fix = "run as root, or grant the capabilities: systemd AmbientCapabilities=CAP_BPF CAP_PERFMON (see deploy/hangupd.service), or setcap cap_bpf,cap_perfmon+ep on the binary"
+		load.fix = "run as root, or grant the capabilities: systemd AmbientCapabilities=CAP_BPF CAP_PERFMON (see deploy/systemd/hangupd.service), or setcap cap_bpf,cap_perfmon+ep on the binary"
 	}
 	seed := check{name: "seeding in other network namespaces", warn: true, ok: has(capNetAdmin) && has(capSysAdmin)}
 	if seed.ok {
