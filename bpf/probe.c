@@ -221,7 +221,7 @@ static __always_inline struct counters *counters_for(const struct conn *c)
 /* netns_inum is the inode number of the socket's network namespace. */
 static __always_inline __u32 netns_inum(const struct sock *sk)
 {
-	return BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum);
+	return sk->__sk_common.skc_net.net->ns.inum;
 }
 
 static __always_inline bool is_tcp(const struct sock *sk)
@@ -249,7 +249,7 @@ static __always_inline bool routine(__u8 kind, __u8 cause)
 static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lport, __u8 kind,
 				 __u8 cause, __s32 err, __u16 reason, __u8 old_state, __u8 state)
 {
-	__u64 netns_cookie = BPF_CORE_READ(sk, __sk_common.skc_net.net, net_cookie);
+	__u64 netns_cookie = sk->__sk_common.skc_net.net->net_cookie;
 	if (watched_only) {
 		bool gone = kind == KIND_PEER_FIN || kind == KIND_PEER_RESET || kind == KIND_ERROR ||
 			    (kind == KIND_CLOSED && cause != CAUSE_NORMAL);
@@ -267,8 +267,8 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	e->netns_cookie = netns_cookie;
 	e->family = sk->__sk_common.skc_family;
 	if (e->family == AF_INET6) {
-		BPF_CORE_READ_INTO(&e->saddr, sk, __sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8);
-		BPF_CORE_READ_INTO(&e->daddr, sk, __sk_common.skc_v6_daddr.in6_u.u6_addr8);
+		__builtin_memcpy(e->saddr, sk->__sk_common.skc_v6_rcv_saddr.in6_u.u6_addr8, 16);
+		__builtin_memcpy(e->daddr, sk->__sk_common.skc_v6_daddr.in6_u.u6_addr8, 16);
 	} else {
 		__builtin_memset(e->saddr, 0, sizeof(e->saddr));
 		__builtin_memset(e->daddr, 0, sizeof(e->daddr));
@@ -379,10 +379,18 @@ static __always_inline void report_error(const struct sock *sk, __u64 cookie, st
 	emit(sk, cookie, c->lport, KIND_ERROR, CAUSE_NONE, err, 0, state, state);
 }
 
-/* lookup returns the tracking entry of a server connection, or NULL. */
+/*
+ * lookup returns the tracking entry of a server connection, or NULL. Every
+ * tracked socket has its cookie already (the probe made it at the passive
+ * open, or userspace asked for it to seed the entry): a socket without one
+ * is not tracked, and most sockets the hooks see are such (clients, and
+ * servers' sockets of other kinds), so read it rather than make one.
+ */
 static __always_inline struct conn *lookup(const struct sock *sk, __u64 *cookie)
 {
-	*cookie = bpf_get_socket_cookie((void *)sk);
+	*cookie = sk->__sk_common.skc_cookie.counter;
+	if (!*cookie)
+		return NULL;
 	struct conn *c = bpf_map_lookup_elem(&conns, cookie);
 	if (!c || (c->flags & F_ACTIVE))
 		return NULL;
@@ -412,11 +420,17 @@ static __always_inline __u64 mptcp_parent_cookie(const struct sock *sk)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
 {
+	/* Most transitions matter to no tracked connection: leave at once. */
+	if (newstate != TCP_CLOSE && newstate != TCP_CLOSE_WAIT && newstate != TCP_SYN_RECV &&
+	    newstate != TCP_ESTABLISHED)
+		return 0;
 	if (!is_tcp(sk))
 		return 0;
 
 	__u64 cookie;
-	if (oldstate == TCP_SYN_SENT && newstate == TCP_SYN_RECV) {
+	if (newstate == TCP_SYN_RECV) {
+		if (oldstate != TCP_SYN_SENT)
+			return 0; /* a listener's new child: tracked once established */
 		/*
 		 * A simultaneous open (or a TCP self-connect): an active socket
 		 * that will go SYN_RECV -> ESTABLISHED like a listener's child
@@ -428,7 +442,9 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		bpf_map_update_elem(&conns, &cookie, &a, BPF_ANY);
 		return 0;
 	}
-	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+	if (newstate == TCP_ESTABLISHED) {
+		if (oldstate != TCP_SYN_RECV)
+			return 0; /* an active open */
 		/* Passive open: the child socket of a listener completed its handshake. */
 		cookie = bpf_get_socket_cookie((void *)sk);
 		struct conn c = {
@@ -614,7 +630,9 @@ int BPF_PROG(on_retransmit_legacy, const struct sock *sk, const struct sk_buff *
 SEC("tp_btf/tcp_destroy_sock")
 int BPF_PROG(on_destroy, struct sock *sk)
 {
-	__u64 cookie = bpf_get_socket_cookie((void *)sk);
+	__u64 cookie = sk->__sk_common.skc_cookie.counter; /* see lookup */
+	if (!cookie)
+		return 0;
 	struct conn *c = bpf_map_lookup_elem(&conns, &cookie);
 	if (!c)
 		return 0;
