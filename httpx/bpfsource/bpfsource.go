@@ -35,6 +35,9 @@ func start(opts detect.BPFOptions, sink detect.Sink, log *slog.Logger) (detect.S
 		RingBufferSize: opts.RingBufferSize,
 		MaxConnections: opts.MaxConnections,
 		FlushInterval:  opts.FlushInterval,
+		// Only this server's connections, and only what says a client
+		// went away: the rest of the host's TCP traffic never reaches it.
+		WatchedOnly: true,
 	})
 	if err != nil {
 		return nil, err
@@ -44,8 +47,8 @@ func start(opts detect.BPFOptions, sink detect.Sink, log *slog.Logger) (detect.S
 	return s, nil
 }
 
-// read hands every event that says a client went away to the sink. Such
-// events wake the reader at once; routine ones never reach the sink.
+// read hands the events of the watched ports to the sink; they all say a
+// client went away, and wake the reader at once.
 func (s *source) read() {
 	defer close(s.done)
 	var e bpf.Event
@@ -66,7 +69,9 @@ func (s *source) read() {
 }
 
 // WatchPort implements detect.Source.
-func (s *source) WatchPort(netnsCookie uint64, port uint16) error { return nil }
+func (s *source) WatchPort(netnsCookie uint64, port uint16) error {
+	return s.probe.Watch(netnsCookie, port)
+}
 
 func (s *source) Close() error {
 	err := s.probe.Close()
