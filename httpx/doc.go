@@ -58,11 +58,12 @@
 // connections over its unix socket (Options.AgentSocket, default
 // /run/hangup/hangup.sock); the server needs no privileges, only access to
 // the socket. SourceBPF loads the kernel probe (package bpf) into the
-// process and needs CAP_BPF and CAP_PERFMON. SourceEpoll needs no
+// process, needs CAP_BPF and CAP_PERFMON, and exists only in programs that
+// import package httpx/bpfsource (which links cilium/ebpf). SourceEpoll needs no
 // privileges and watches each connection in a private epoll set (it sees
 // FIN, RST and kernel timeouts, and tells a retransmission timeout from a
 // keepalive timeout by the kernel's counters). The default tries the agent
-// if its socket exists, then BPF, then epoll, logging each fallback as a
+// if its socket exists, then BPF (when linked in), then epoll, logging each fallback as a
 // warning. The source in use is logged once and exported as
 // hangup_http_detection_source.
 //
@@ -89,10 +90,21 @@
 //
 // # Caveats
 //
-// Handlers run in their own goroutine (so Finish and the timeout can hand
-// the response back while they go on); after Finish or a timeout release
-// they must not use the request body, nor headers or writers obtained
-// through Unwrap. Shutdown functions of a handler that ignores its timeout
+// # Cost and where things live
+//
+// HTTP/1.x handlers run on net/http's goroutine; while the client is there
+// a request costs its State (which is its context, see State) and a copy of
+// the Request. Detection is per connection: a source (source_epoll.go,
+// source_agent.go, package bpfsource through internal/detect) reports a
+// socket's fate and conn.go marks the requests in flight on it; the PHP
+// model lives in state.go and handler.go, the ResponseWriter in writer.go,
+// silent-drop tuning in droptune.go, delivery in delivery.go, stateless
+// socket helpers in sock.go.
+//
+// HTTP/2 handlers (and all with Options.Detach) run in a goroutine of their
+// own, so Finish can hand the response back while they go on. After Finish
+// or a timeout release handlers must not use the request body, nor headers
+// or writers obtained through Unwrap. Shutdown functions of a handler that ignores its timeout
 // run when the grace expires, concurrently with it. HTTP/2 requests are
 // marked when their connection dies and, as ReasonCanceled, when the
 // client resets their stream. A hijacked connection is no longer watched.
