@@ -104,3 +104,41 @@ func TestNilState(t *testing.T) {
 		t.Errorf("WaitDelivered on nil: %v", err)
 	}
 }
+
+// TestStreamingResetKeepsKernelReason: a streaming handler that hits a
+// reset connection with a write before the source reports it records what
+// happened to the connection (peer_reset), not write_error.
+func TestStreamingResetKeepsKernelReason(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		results := make(chan result, 1)
+		started := make(chan struct{}, 1)
+		pair, ts := netServer(t, Options{Source: src}, func(w http.ResponseWriter, r *http.Request) {
+			st := FromContext(r.Context())
+			st.IgnoreUserAbort(true) // keep writing into the dead connection
+			started <- struct{}{}
+			chunk := make([]byte, 16<<10)
+			deadline := time.Now().Add(wait)
+			for time.Now().Before(deadline) {
+				if _, err := w.Write(chunk); err != nil {
+					break
+				}
+				w.(http.Flusher).Flush()
+			}
+			results <- result{status: st.Status(), reason: st.AbortReason()}
+		})
+		c, err := pair.Client.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rawGet(t, c, "/stream")
+		waitFor(t, started, "handler")
+		reset(t, c)
+		res := waitFor(t, results, "handler result")
+		if res.status != StatusAborted || res.reason != ReasonPeerReset {
+			t.Errorf("got %+v, want ABORTED peer_reset", res)
+		}
+		if n := ts.m.Stats().Aborts[ReasonWriteError]; n != 0 {
+			t.Errorf("aborts{reason=write_error} = %d", n)
+		}
+	})
+}

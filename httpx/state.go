@@ -8,6 +8,7 @@ import (
 	"runtime/debug"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -234,17 +235,28 @@ func (s *State) abort(r Reason, at time.Time, how learned) {
 }
 
 // writeFailed marks the request aborted after a failed write: with what
-// the source already said or the socket says now, else ReasonWriteError.
-func (s *State) writeFailed() {
-	if s.c == nil {
-		s.abort(ReasonWriteError, time.Time{}, weak)
-		return
+// the source already said, or the socket says now, or the kernel's error
+// says (net/http may have closed the socket already), else
+// ReasonWriteError.
+func (s *State) writeFailed(err error) {
+	if s.c != nil {
+		if r := s.c.gone(); r != ReasonNone {
+			s.abort(r, time.Time{}, fromSource)
+			return
+		}
+		if r := s.c.askSocket(); r != ReasonNone {
+			s.abort(r, time.Time{}, fromSocket)
+			return
+		}
 	}
-	if r := s.c.gone(); r != ReasonNone {
-		s.abort(r, time.Time{}, fromSource)
-	} else if r := s.c.askSocket(); r != ReasonNone {
-		s.abort(r, time.Time{}, fromSocket)
-	} else {
+	switch {
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		// The client reset the connection (a reset shuts the socket down
+		// both ways, hence EPIPE).
+		s.abort(ReasonPeerReset, time.Time{}, fromSocket)
+	case errors.Is(err, syscall.ETIMEDOUT):
+		s.abort(ReasonTimeout, time.Time{}, weak) // the source tells which timeout
+	default:
 		s.abort(ReasonWriteError, time.Time{}, weak)
 	}
 }

@@ -131,7 +131,7 @@ func (w *responseWriter) Write(p []byte) (int, error) {
 	w.written.Add(int64(n))
 	w.mu.Unlock()
 	if err != nil {
-		w.writeFailed()
+		w.writeFailed(err)
 	}
 	return n, err
 }
@@ -146,9 +146,9 @@ func (w *responseWriter) sentLocked() {
 
 // writeFailed marks the request aborted by a failed write, unless the
 // failure is the past write deadline set by release.
-func (w *responseWriter) writeFailed() {
+func (w *responseWriter) writeFailed(err error) {
 	if !w.cut.Load() {
-		w.s.writeFailed()
+		w.s.writeFailed(err)
 	}
 }
 
@@ -178,7 +178,7 @@ func (w *responseWriter) ReadFrom(src io.Reader) (int64, error) {
 	w.written.Add(n)
 	w.mu.Unlock()
 	if err != nil && isWriteErr(err) {
-		w.writeFailed()
+		w.writeFailed(err)
 	}
 	return n, err
 }
@@ -226,7 +226,7 @@ func (w *responseWriter) FlushError() error {
 	}
 	w.mu.Unlock()
 	if err != nil && !errors.Is(err, http.ErrNotSupported) {
-		w.writeFailed()
+		w.writeFailed(err)
 	}
 	return err
 }
@@ -366,7 +366,7 @@ func (w *responseWriter) WriteString(str string) (int, error) {
 	w.written.Add(int64(n))
 	w.mu.Unlock()
 	if err != nil {
-		w.writeFailed()
+		w.writeFailed(err)
 	}
 	return n, err
 }
