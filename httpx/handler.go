@@ -76,9 +76,18 @@ func (s *State) afterInline() {
 	}
 	s.end()
 	s.closeHijacked()
+	if s.finished() {
+		s.m.work.done()
+	}
 	if p != nil {
 		panic(p)
 	}
+}
+
+func (s *State) finished() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.x != nil && s.x.finished
 }
 
 // releaseStuck releases the client of an inline handler that is still
@@ -218,6 +227,9 @@ func (s *State) Finish() {
 		return
 	}
 	if !already {
+		// net/http's Shutdown no longer waits for the handler: the
+		// Monitor's does (see afterInline).
+		s.m.work.add()
 		s.finishInline()
 	}
 }
