@@ -201,7 +201,9 @@ func TestStatus(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &st); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	if len(st.Subscribers) != 1 || st.Subscribers[0].Name != "webshop" || st.Agent.Subscribers != 2 {
+	// The first status session may not be gone from the agent yet: at
+	// least webshop and this one.
+	if len(st.Subscribers) != 1 || st.Subscribers[0].Name != "webshop" || st.Agent.Subscribers < 2 {
 		t.Errorf("status json: %+v", st)
 	}
 	if err := run(context.Background(), []string{"status", "--socket.path", a.SocketPath() + ".none"}, &out, &errb); err == nil {
