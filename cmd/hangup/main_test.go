@@ -203,7 +203,13 @@ func TestStatus(t *testing.T) {
 	}
 	// The first status session may not be gone from the agent yet: at
 	// least webshop and this one.
-	if len(st.Subscribers) != 1 || st.Subscribers[0].Name != "webshop" || st.Agent.Subscribers < 2 {
+	var webshop int
+	for _, r := range st.Subscribers {
+		if r.Name == "webshop" {
+			webshop++
+		}
+	}
+	if webshop != 1 || st.Agent.Subscribers < 2 {
 		t.Errorf("status json: %+v", st)
 	}
 	if err := run(context.Background(), []string{"status", "--socket.path", a.SocketPath() + ".none"}, &out, &errb); err == nil {
