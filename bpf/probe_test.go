@@ -104,12 +104,7 @@ func (e *env) dialListener(t *testing.T, ln net.Listener) conn {
 	if c.clientCookie, err = testnet.SocketCookie(cc); err != nil {
 		t.Fatal(err)
 	}
-	opened, ok := e.rec.WaitFor(5*time.Second, probetest.Cookie(c.cookie, bpf.KindOpened))
-	if !ok {
-		st, err := e.probe.Stats()
-		hs, _ := e.probe.HookStats()
-		t.Fatalf("no opened event within 5s (probe stats %+v, %v; hooks %+v); seen:\n%s", st, err, hs, e.rec.Dump())
-	}
+	opened := e.rec.Wait(t, 5*time.Second, "opened", probetest.Cookie(c.cookie, bpf.KindOpened))
 	if opened.Local.String() != sc.LocalAddr().String() || opened.Remote.String() != sc.RemoteAddr().String() {
 		t.Errorf("opened event addresses %s <- %s, conn has %s <- %s",
 			opened.Local, opened.Remote, sc.LocalAddr(), sc.RemoteAddr())
