@@ -100,7 +100,7 @@ func BenchmarkConnectionChurn(b *testing.B) {
 			runs += n
 			runtime += d
 			if n > 0 {
-				b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/run:"+h.Hook)
+				b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/run:"+h.Program)
 			}
 		}
 		if runs > 0 {

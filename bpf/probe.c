@@ -417,12 +417,18 @@ static __always_inline __u64 mptcp_parent_cookie(const struct sock *sk)
 	return BPF_CORE_READ(parent, __sk_common.skc_cookie.counter);
 }
 
+/*
+ * Opens and the rest are two programs on the same tracepoint. The kernel
+ * skips a program's run while that program is already running on the CPU:
+ * a passive open (softirq) that interrupts on_set_state in process context
+ * (a close() elsewhere) would be lost, and the connection never tracked.
+ * on_open runs in process context only for the few instructions that send
+ * every other transition away, so it is almost never the one running.
+ */
 SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
+int BPF_PROG(on_open, const struct sock *sk, const int oldstate, const int newstate)
 {
-	/* Most transitions matter to no tracked connection: leave at once. */
-	if (newstate != TCP_CLOSE && newstate != TCP_CLOSE_WAIT && newstate != TCP_SYN_RECV &&
-	    newstate != TCP_ESTABLISHED)
+	if (newstate != TCP_SYN_RECV && newstate != TCP_ESTABLISHED)
 		return 0;
 	if (!is_tcp(sk))
 		return 0;
@@ -466,10 +472,21 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		}
 		COUNT(&c, opened);
 		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
-		return 0;
 	}
+	return 0;
+}
 
-	if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	/* Most transitions matter to no tracked connection: leave at once. */
+	if (newstate != TCP_CLOSE && newstate != TCP_CLOSE_WAIT)
+		return 0;
+	if (!is_tcp(sk))
+		return 0;
+
+	__u64 cookie;
+	if (oldstate == TCP_LISTEN) {
 		/* A listener closed: whoever routed its connections' events by
 		 * its cookie must stop, for its port may be reused by another. */
 		cookie = bpf_get_socket_cookie((void *)sk);

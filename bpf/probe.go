@@ -63,7 +63,7 @@ type hook struct {
 type Probe struct {
 	maps  probeMaps
 	progs []*ebpf.Program
-	hooks []string // tracepoint of progs[i]
+	hooks []hook // what progs[i] is attached to
 	links []link.Link
 	rd    *ringbuf.Reader
 	rec   ringbuf.Record
@@ -161,7 +161,7 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 		prog := pc.DetachProgram(h.program)
 		pc.Close()
 		p.progs = append(p.progs, prog)
-		p.hooks = append(p.hooks, h.tracepoint)
+		p.hooks = append(p.hooks, h)
 
 		l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
 		if err != nil {
@@ -224,6 +224,8 @@ var tracepoints = []struct {
 	since    string
 	variants []variant
 }{
+	// Two programs: passive opens apart from the rest (see on_open).
+	{"inet_sock_set_state", "4.16", []variant{{3, probeProgOnOpen}}},
 	{"inet_sock_set_state", "4.16", []variant{{3, probeProgOnSetState}}},
 	{"tcp_receive_reset", "4.15", []variant{{1, probeProgOnReceiveReset}}},
 	// Linux 6.10 added the reset reason (enum sk_rst_reason).

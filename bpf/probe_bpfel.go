@@ -118,6 +118,7 @@ const (
 	probeMapWatched             = "watched"
 	probeProgOnDestroy          = "on_destroy"
 	probeProgOnErrorReport      = "on_error_report"
+	probeProgOnOpen             = "on_open"
 	probeProgOnReceiveReset     = "on_receive_reset"
 	probeProgOnRetransmit       = "on_retransmit"
 	probeProgOnRetransmitLegacy = "on_retransmit_legacy"
@@ -180,6 +181,7 @@ type probeSpecs struct {
 type probeProgramSpecs struct {
 	OnDestroy          *ebpf.ProgramSpec `ebpf:"on_destroy"`
 	OnErrorReport      *ebpf.ProgramSpec `ebpf:"on_error_report"`
+	OnOpen             *ebpf.ProgramSpec `ebpf:"on_open"`
 	OnReceiveReset     *ebpf.ProgramSpec `ebpf:"on_receive_reset"`
 	OnRetransmit       *ebpf.ProgramSpec `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.ProgramSpec `ebpf:"on_retransmit_legacy"`
@@ -274,6 +276,7 @@ type probeVariables struct {
 type probePrograms struct {
 	OnDestroy          *ebpf.Program `ebpf:"on_destroy"`
 	OnErrorReport      *ebpf.Program `ebpf:"on_error_report"`
+	OnOpen             *ebpf.Program `ebpf:"on_open"`
 	OnReceiveReset     *ebpf.Program `ebpf:"on_receive_reset"`
 	OnRetransmit       *ebpf.Program `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.Program `ebpf:"on_retransmit_legacy"`
@@ -286,6 +289,7 @@ func (p *probePrograms) Close() error {
 	return _ProbeClose(
 		p.OnDestroy,
 		p.OnErrorReport,
+		p.OnOpen,
 		p.OnReceiveReset,
 		p.OnRetransmit,
 		p.OnRetransmitLegacy,
