@@ -28,15 +28,7 @@ func BenchmarkConnectionChurn(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	go acceptAndClose(ln)
 	churn := func(b *testing.B) {
 		b.SetParallelism(2)
 		b.RunParallel(func(pb *testing.PB) {
@@ -122,4 +114,15 @@ func BenchmarkConnectionChurn(b *testing.B) {
 			b.Errorf("%d events lost", st.Lost)
 		}
 	})
+}
+
+// acceptAndClose closes every connection ln accepts, until ln is closed.
+func acceptAndClose(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		c.Close()
+	}
 }

@@ -77,15 +77,7 @@ func busyHost(t *testing.T, h *testnet.Host) (stop func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	go acceptAndClose(ln)
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	for range 2 {

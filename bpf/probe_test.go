@@ -511,18 +511,7 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 	}
 	defer ln.Close()
 	for range n {
-		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cc.(*net.TCPConn).SetLinger(0)
-		cc.Close()
-		waitReadableOrClosed(sc)
-		sc.Close()
+		resetByClient(t, pair, ln)
 	}
 	want := bpf.PortCounters{Opened: n, PeerReset: n, Errors: n}
 	want.Closed[bpf.CausePeerReset] = n
@@ -534,12 +523,6 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 	if st.Lost == 0 || st.Events+st.Lost < 4*n {
 		t.Errorf("stats %+v: want lost events (4 events per connection into a one-page ring)", st)
 	}
-}
-
-// waitReadableOrClosed waits until the peer's RST has reached c.
-func waitReadableOrClosed(c net.Conn) {
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	c.Read(make([]byte, 1))
 }
 
 // TestListenerClosed: closing a listener reports its cookie (the one
