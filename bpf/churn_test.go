@@ -28,15 +28,7 @@ func BenchmarkConnectionChurn(b *testing.B) {
 		b.Fatal(err)
 	}
 	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			c.Close()
-		}
-	}()
+	go acceptAndClose(ln)
 	churn := func(b *testing.B) {
 		b.SetParallelism(2)
 		b.RunParallel(func(pb *testing.PB) {
@@ -59,67 +51,85 @@ func BenchmarkConnectionChurn(b *testing.B) {
 	}
 
 	b.Run("baseline", churn)
-	b.Run("probe", func(b *testing.B) {
-		p := probetest.Load(b, bpf.Options{})
-		stats, err := bpf.EnableStats()
-		if err != nil {
-			testnet.SkipOrFail(b, "BPF statistics unavailable: %v", err)
-		}
-		defer stats.Close()
-		var (
-			wg     sync.WaitGroup
-			events atomic.Uint64
-		)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			var e bpf.Event
-			for {
-				if err := p.ReadInto(&e); err != nil {
-					if !errors.Is(err, bpf.ErrClosed) {
-						b.Error(err)
-					}
-					return
+	b.Run("probe", func(b *testing.B) { churnWithProbe(b, churn, bpf.Options{}) })
+	// As the agent would run it: only watched ports' events wake the reader
+	// (here none is watched).
+	b.Run("probe_wake_watched", func(b *testing.B) { churnWithProbe(b, churn, bpf.Options{WakeWatchedOnly: true}) })
+}
+
+// churnWithProbe runs churn with the probe loaded and reports the kernel's
+// run time per hook program.
+func churnWithProbe(b *testing.B, churn func(*testing.B), opts bpf.Options) {
+	p := probetest.Load(b, opts)
+	stats, err := bpf.EnableStats()
+	if err != nil {
+		testnet.SkipOrFail(b, "BPF statistics unavailable: %v", err)
+	}
+	defer stats.Close()
+	var (
+		wg     sync.WaitGroup
+		events atomic.Uint64
+	)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		var e bpf.Event
+		for {
+			if err := p.ReadInto(&e); err != nil {
+				if !errors.Is(err, bpf.ErrClosed) {
+					b.Error(err)
 				}
-				events.Add(1)
+				return
 			}
-		}()
-		before, _ := p.HookStats()
-		b.ResetTimer()
-		churn(b)
-		b.StopTimer()
-		after, err := p.HookStats()
+			events.Add(1)
+		}
+	}()
+	before, _ := p.HookStats()
+	b.ResetTimer()
+	churn(b)
+	b.StopTimer()
+	after, err := p.HookStats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	var runs uint64
+	var runtime time.Duration
+	for i, h := range after {
+		n := h.RunCount - before[i].RunCount
+		d := h.RunTime - before[i].RunTime
+		runs += n
+		runtime += d
+		if n > 0 {
+			b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/run:"+h.Program)
+		}
+	}
+	if runs > 0 {
+		b.ReportMetric(float64(runtime.Nanoseconds())/float64(runs), "ns/hook-run")
+		b.ReportMetric(float64(runtime.Nanoseconds())/float64(b.N), "bpf-ns/conn")
+	}
+	st, err := p.Stats()
+	if err != nil {
+		b.Fatal(err)
+	}
+	for wait := time.Now().Add(5 * time.Second); events.Load() < st.Events && time.Now().Before(wait); {
+		time.Sleep(time.Millisecond) // let the reader drain
+	}
+	p.Close()
+	wg.Wait()
+	b.ReportMetric(float64(events.Load())/float64(b.N), "events/conn")
+	b.ReportMetric(float64(st.Lost), "lost")
+	if st.Lost != 0 {
+		b.Errorf("%d events lost", st.Lost)
+	}
+}
+
+// acceptAndClose closes every connection ln accepts, until ln is closed.
+func acceptAndClose(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
 		if err != nil {
-			b.Fatal(err)
+			return
 		}
-		var runs uint64
-		var runtime time.Duration
-		for i, h := range after {
-			n := h.RunCount - before[i].RunCount
-			d := h.RunTime - before[i].RunTime
-			runs += n
-			runtime += d
-			if n > 0 {
-				b.ReportMetric(float64(d.Nanoseconds())/float64(n), "ns/run:"+h.Hook)
-			}
-		}
-		if runs > 0 {
-			b.ReportMetric(float64(runtime.Nanoseconds())/float64(runs), "ns/hook-run")
-			b.ReportMetric(float64(runtime.Nanoseconds())/float64(b.N), "bpf-ns/conn")
-		}
-		st, err := p.Stats()
-		if err != nil {
-			b.Fatal(err)
-		}
-		for wait := time.Now().Add(5 * time.Second); events.Load() < st.Events && time.Now().Before(wait); {
-			time.Sleep(time.Millisecond) // let the reader drain
-		}
-		p.Close()
-		wg.Wait()
-		b.ReportMetric(float64(events.Load())/float64(b.N), "events/conn")
-		b.ReportMetric(float64(st.Lost), "lost")
-		if st.Lost != 0 {
-			b.Errorf("%d events lost", st.Lost)
-		}
-	})
+		c.Close()
+	}
 }

@@ -186,6 +186,7 @@ func (p *Probe) TrackedCookies(fn func(cookie uint64) bool) error {
 // HookStats is the kernel's run-time accounting of one hook's program.
 type HookStats struct {
 	Hook     string        // tracepoint name
+	Program  string        // the program's name in probe.c (a tracepoint may have two)
 	RunCount uint64        // invocations
 	RunTime  time.Duration // total time spent in the program
 	// Missed counts invocations the kernel skipped because the program
@@ -209,9 +210,9 @@ func (p *Probe) HookStats() ([]HookStats, error) {
 	for i, prog := range p.progs {
 		st, err := prog.Stats()
 		if err != nil {
-			return nil, fmt.Errorf("reading stats of %s: %w", p.hooks[i], err)
+			return nil, fmt.Errorf("reading stats of %s: %w", p.hooks[i].program, err)
 		}
-		out = append(out, HookStats{Hook: p.hooks[i], RunCount: st.RunCount, RunTime: st.Runtime, Missed: st.RecursionMisses})
+		out = append(out, HookStats{Hook: p.hooks[i].tracepoint, Program: p.hooks[i].program, RunCount: st.RunCount, RunTime: st.Runtime, Missed: st.RecursionMisses})
 	}
 	return out, nil
 }

@@ -10,12 +10,9 @@ import "github.com/cilium/ebpf/btf"
 func LoadOldest(opts Options) (*Probe, error) {
 	return load(opts, kernelBTFPath, func(kernel *btf.Spec) ([]hook, error) {
 		hooks, err := selectHooks(kernel)
-		for i := range hooks {
-			for _, tp := range tracepoints {
-				if tp.name == hooks[i].tracepoint {
-					hooks[i].program = tp.variants[len(tp.variants)-1].program
-				}
-			}
+		for i := range hooks { // in the order of tracepoints
+			v := tracepoints[i].variants
+			hooks[i].program = v[len(v)-1].program
 		}
 		return hooks, err
 	})

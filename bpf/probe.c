@@ -149,6 +149,14 @@ volatile const __u64 wakeup_bytes = 64 << 10;
  */
 volatile const __u8 watched_only = 0;
 
+/*
+ * With wake_watched_only, every record is written, but only the client-gone
+ * events of watched connections wake the reader at once; the rest wait for
+ * its poll. A wakeup is a self-IPI, costly on virtual machines, and only
+ * subscribers' connections need one (the agent watches their listeners).
+ */
+volatile const __u8 wake_watched_only = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20); /* resized by the loader */
@@ -250,12 +258,16 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 				 __u8 cause, __s32 err, __u16 reason, __u8 old_state, __u8 state)
 {
 	__u64 netns_cookie = sk->__sk_common.skc_net.net->net_cookie;
+	bool urgent = !routine(kind, cause);
 	if (watched_only) {
 		bool gone = kind == KIND_PEER_FIN || kind == KIND_PEER_RESET || kind == KIND_ERROR ||
 			    (kind == KIND_CLOSED && cause != CAUSE_NORMAL);
 		struct watch_key wk = { .netns_cookie = netns_cookie, .port = lport };
 		if (!gone || !bpf_map_lookup_elem(&watched, &wk))
 			return;
+	} else if (wake_watched_only && urgent) {
+		struct watch_key wk = { .netns_cookie = netns_cookie, .port = lport };
+		urgent = bpf_map_lookup_elem(&watched, &wk) != NULL;
 	}
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -295,8 +307,7 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	 * the reader's next poll.
 	 */
 	__u64 flags = BPF_RB_FORCE_WAKEUP;
-	if (routine(kind, cause) &&
-	    bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+	if (!urgent && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
 		flags = BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 	stat_inc(STAT_EVENTS);
@@ -417,12 +428,18 @@ static __always_inline __u64 mptcp_parent_cookie(const struct sock *sk)
 	return BPF_CORE_READ(parent, __sk_common.skc_cookie.counter);
 }
 
+/*
+ * Opens and the rest are two programs on the same tracepoint. The kernel
+ * skips a program's run while that program is already running on the CPU:
+ * a passive open (softirq) that interrupts on_set_state in process context
+ * (a close() elsewhere) would be lost, and the connection never tracked.
+ * on_open runs in process context only for the few instructions that send
+ * every other transition away, so it is almost never the one running.
+ */
 SEC("tp_btf/inet_sock_set_state")
-int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
+int BPF_PROG(on_open, const struct sock *sk, const int oldstate, const int newstate)
 {
-	/* Most transitions matter to no tracked connection: leave at once. */
-	if (newstate != TCP_CLOSE && newstate != TCP_CLOSE_WAIT && newstate != TCP_SYN_RECV &&
-	    newstate != TCP_ESTABLISHED)
+	if (newstate != TCP_SYN_RECV && newstate != TCP_ESTABLISHED)
 		return 0;
 	if (!is_tcp(sk))
 		return 0;
@@ -466,10 +483,21 @@ int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int 
 		}
 		COUNT(&c, opened);
 		emit(sk, cookie, c.lport, KIND_OPENED, CAUSE_NONE, 0, 0, oldstate, newstate);
-		return 0;
 	}
+	return 0;
+}
 
-	if (oldstate == TCP_LISTEN && newstate == TCP_CLOSE) {
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(on_set_state, const struct sock *sk, const int oldstate, const int newstate)
+{
+	/* Most transitions matter to no tracked connection: leave at once. */
+	if (newstate != TCP_CLOSE && newstate != TCP_CLOSE_WAIT)
+		return 0;
+	if (!is_tcp(sk))
+		return 0;
+
+	__u64 cookie;
+	if (oldstate == TCP_LISTEN) {
 		/* A listener closed: whoever routed its connections' events by
 		 * its cookie must stop, for its port may be reused by another. */
 		cookie = bpf_get_socket_cookie((void *)sk);

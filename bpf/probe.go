@@ -42,6 +42,13 @@ type Options struct {
 	// gone (KindPeerFIN, KindPeerReset, KindError, and KindClosed with a
 	// cause other than CauseNormal). Counters still count every connection.
 	WatchedOnly bool
+	// WakeWatchedOnly keeps every record but wakes the reader at once only
+	// for the client-gone events of connections on ports added with Watch;
+	// every other event waits for the next poll (FlushInterval). A wakeup
+	// is a self-IPI, which costs microseconds of kernel time on virtual
+	// machines: an agent that serves a few subscribers watches their
+	// listeners and pays for no other wakeup.
+	WakeWatchedOnly bool
 }
 
 const (
@@ -63,15 +70,15 @@ type hook struct {
 type Probe struct {
 	maps  probeMaps
 	progs []*ebpf.Program
-	hooks []string // tracepoint of progs[i]
+	hooks []hook // what progs[i] is attached to
 	links []link.Link
 	rd    *ringbuf.Reader
 	rec   ringbuf.Record
 	clock wallClock
 
-	flush       time.Duration
-	watchedOnly bool
-	deadline    atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
+	flush    time.Duration
+	watching bool         // Watch is meaningful: WatchedOnly or WakeWatchedOnly
+	deadline atomic.Int64 // SetDeadline's time in Unix ns; 0 = none
 
 	closeOnce sync.Once
 	closeErr  error
@@ -117,11 +124,16 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 			return nil, fmt.Errorf("setting watched-only mode: %w", err)
 		}
 	}
+	if opts.WakeWatchedOnly {
+		if err := spec.Variables[probeVarWakeWatchedOnly].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("setting wake-watched-only mode: %w", err)
+		}
+	}
 	if opts.FlushInterval < 0 {
 		return nil, fmt.Errorf("FlushInterval must not be negative, got %s", opts.FlushInterval)
 	}
 
-	p := &Probe{flush: opts.FlushInterval, watchedOnly: opts.WatchedOnly}
+	p := &Probe{flush: opts.FlushInterval, watching: opts.WatchedOnly || opts.WakeWatchedOnly}
 	if p.flush == 0 {
 		p.flush = defaultFlushInterval
 	}
@@ -161,7 +173,7 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 		prog := pc.DetachProgram(h.program)
 		pc.Close()
 		p.progs = append(p.progs, prog)
-		p.hooks = append(p.hooks, h.tracepoint)
+		p.hooks = append(p.hooks, h)
 
 		l, err := link.AttachTracing(link.TracingOptions{Program: prog, AttachType: ebpf.AttachTraceRawTp})
 		if err != nil {
@@ -224,6 +236,8 @@ var tracepoints = []struct {
 	since    string
 	variants []variant
 }{
+	// Two programs: passive opens apart from the rest (see on_open).
+	{"inet_sock_set_state", "4.16", []variant{{3, probeProgOnOpen}}},
 	{"inet_sock_set_state", "4.16", []variant{{3, probeProgOnSetState}}},
 	{"tcp_receive_reset", "4.15", []variant{{1, probeProgOnReceiveReset}}},
 	// Linux 6.10 added the reset reason (enum sk_rst_reason).

@@ -118,6 +118,7 @@ const (
 	probeMapWatched             = "watched"
 	probeProgOnDestroy          = "on_destroy"
 	probeProgOnErrorReport      = "on_error_report"
+	probeProgOnOpen             = "on_open"
 	probeProgOnReceiveReset     = "on_receive_reset"
 	probeProgOnRetransmit       = "on_retransmit"
 	probeProgOnRetransmitLegacy = "on_retransmit_legacy"
@@ -132,6 +133,7 @@ const (
 	probeVarUnusedPortKey       = "unused_port_key"
 	probeVarUnusedStat          = "unused_stat"
 	probeVarUnusedWatchKey      = "unused_watch_key"
+	probeVarWakeWatchedOnly     = "wake_watched_only"
 	probeVarWakeupBytes         = "wakeup_bytes"
 	probeVarWatchedOnly         = "watched_only"
 )
@@ -180,6 +182,7 @@ type probeSpecs struct {
 type probeProgramSpecs struct {
 	OnDestroy          *ebpf.ProgramSpec `ebpf:"on_destroy"`
 	OnErrorReport      *ebpf.ProgramSpec `ebpf:"on_error_report"`
+	OnOpen             *ebpf.ProgramSpec `ebpf:"on_open"`
 	OnReceiveReset     *ebpf.ProgramSpec `ebpf:"on_receive_reset"`
 	OnRetransmit       *ebpf.ProgramSpec `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.ProgramSpec `ebpf:"on_retransmit_legacy"`
@@ -203,16 +206,17 @@ type probeMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type probeVariableSpecs struct {
-	UnusedCause    *ebpf.VariableSpec `ebpf:"unused_cause"`
-	UnusedConn     *ebpf.VariableSpec `ebpf:"unused_conn"`
-	UnusedCounters *ebpf.VariableSpec `ebpf:"unused_counters"`
-	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedKind     *ebpf.VariableSpec `ebpf:"unused_kind"`
-	UnusedPortKey  *ebpf.VariableSpec `ebpf:"unused_port_key"`
-	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
-	UnusedWatchKey *ebpf.VariableSpec `ebpf:"unused_watch_key"`
-	WakeupBytes    *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
-	WatchedOnly    *ebpf.VariableSpec `ebpf:"watched_only"`
+	UnusedCause     *ebpf.VariableSpec `ebpf:"unused_cause"`
+	UnusedConn      *ebpf.VariableSpec `ebpf:"unused_conn"`
+	UnusedCounters  *ebpf.VariableSpec `ebpf:"unused_counters"`
+	UnusedEvent     *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedKind      *ebpf.VariableSpec `ebpf:"unused_kind"`
+	UnusedPortKey   *ebpf.VariableSpec `ebpf:"unused_port_key"`
+	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedWatchKey  *ebpf.VariableSpec `ebpf:"unused_watch_key"`
+	WakeWatchedOnly *ebpf.VariableSpec `ebpf:"wake_watched_only"`
+	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
+	WatchedOnly     *ebpf.VariableSpec `ebpf:"watched_only"`
 }
 
 // probeObjects contains all objects after they have been loaded into the kernel.
@@ -256,16 +260,17 @@ func (m *probeMaps) Close() error {
 //
 // It can be passed to loadProbeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type probeVariables struct {
-	UnusedCause    *ebpf.Variable `ebpf:"unused_cause"`
-	UnusedConn     *ebpf.Variable `ebpf:"unused_conn"`
-	UnusedCounters *ebpf.Variable `ebpf:"unused_counters"`
-	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
-	UnusedKind     *ebpf.Variable `ebpf:"unused_kind"`
-	UnusedPortKey  *ebpf.Variable `ebpf:"unused_port_key"`
-	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
-	UnusedWatchKey *ebpf.Variable `ebpf:"unused_watch_key"`
-	WakeupBytes    *ebpf.Variable `ebpf:"wakeup_bytes"`
-	WatchedOnly    *ebpf.Variable `ebpf:"watched_only"`
+	UnusedCause     *ebpf.Variable `ebpf:"unused_cause"`
+	UnusedConn      *ebpf.Variable `ebpf:"unused_conn"`
+	UnusedCounters  *ebpf.Variable `ebpf:"unused_counters"`
+	UnusedEvent     *ebpf.Variable `ebpf:"unused_event"`
+	UnusedKind      *ebpf.Variable `ebpf:"unused_kind"`
+	UnusedPortKey   *ebpf.Variable `ebpf:"unused_port_key"`
+	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedWatchKey  *ebpf.Variable `ebpf:"unused_watch_key"`
+	WakeWatchedOnly *ebpf.Variable `ebpf:"wake_watched_only"`
+	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
+	WatchedOnly     *ebpf.Variable `ebpf:"watched_only"`
 }
 
 // probePrograms contains all programs after they have been loaded into the kernel.
@@ -274,6 +279,7 @@ type probeVariables struct {
 type probePrograms struct {
 	OnDestroy          *ebpf.Program `ebpf:"on_destroy"`
 	OnErrorReport      *ebpf.Program `ebpf:"on_error_report"`
+	OnOpen             *ebpf.Program `ebpf:"on_open"`
 	OnReceiveReset     *ebpf.Program `ebpf:"on_receive_reset"`
 	OnRetransmit       *ebpf.Program `ebpf:"on_retransmit"`
 	OnRetransmitLegacy *ebpf.Program `ebpf:"on_retransmit_legacy"`
@@ -286,6 +292,7 @@ func (p *probePrograms) Close() error {
 	return _ProbeClose(
 		p.OnDestroy,
 		p.OnErrorReport,
+		p.OnOpen,
 		p.OnReceiveReset,
 		p.OnRetransmit,
 		p.OnRetransmitLegacy,

@@ -104,12 +104,7 @@ func (e *env) dialListener(t *testing.T, ln net.Listener) conn {
 	if c.clientCookie, err = testnet.SocketCookie(cc); err != nil {
 		t.Fatal(err)
 	}
-	opened, ok := e.rec.WaitFor(5*time.Second, probetest.Cookie(c.cookie, bpf.KindOpened))
-	if !ok {
-		st, err := e.probe.Stats()
-		hs, _ := e.probe.HookStats()
-		t.Fatalf("no opened event within 5s (probe stats %+v, %v; hooks %+v); seen:\n%s", st, err, hs, e.rec.Dump())
-	}
+	opened := e.rec.Wait(t, 5*time.Second, "opened", probetest.Cookie(c.cookie, bpf.KindOpened))
 	if opened.Local.String() != sc.LocalAddr().String() || opened.Remote.String() != sc.RemoteAddr().String() {
 		t.Errorf("opened event addresses %s <- %s, conn has %s <- %s",
 			opened.Local, opened.Remote, sc.LocalAddr(), sc.RemoteAddr())
@@ -516,18 +511,7 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 	}
 	defer ln.Close()
 	for range n {
-		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cc.(*net.TCPConn).SetLinger(0)
-		cc.Close()
-		waitReadableOrClosed(sc)
-		sc.Close()
+		resetByClient(t, pair, ln)
 	}
 	want := bpf.PortCounters{Opened: n, PeerReset: n, Errors: n}
 	want.Closed[bpf.CausePeerReset] = n
@@ -539,12 +523,6 @@ func TestCountersExactWhenRingFull(t *testing.T) {
 	if st.Lost == 0 || st.Events+st.Lost < 4*n {
 		t.Errorf("stats %+v: want lost events (4 events per connection into a one-page ring)", st)
 	}
-}
-
-// waitReadableOrClosed waits until the peer's RST has reached c.
-func waitReadableOrClosed(c net.Conn) {
-	c.SetReadDeadline(time.Now().Add(5 * time.Second))
-	c.Read(make([]byte, 1))
 }
 
 // TestListenerClosed: closing a listener reports its cookie (the one

@@ -10,11 +10,13 @@ import (
 )
 
 // ErrNotWatchedOnly is returned by Watch and Unwatch on a probe loaded
-// without Options.WatchedOnly, which writes every event anyway.
-var ErrNotWatchedOnly = errors.New("probe was loaded without Options.WatchedOnly")
+// without Options.WatchedOnly or Options.WakeWatchedOnly, where watching
+// would change nothing.
+var ErrNotWatchedOnly = errors.New("probe was loaded without Options.WatchedOnly or Options.WakeWatchedOnly")
 
 // Watch makes a WatchedOnly probe write the client-gone events of
-// connections on a local port in one network namespace, identified by its
+// connections on a local port in one network namespace (a WakeWatchedOnly
+// probe: wake the reader at once for them), the namespace identified by its
 // cookie (getsockopt SO_NETNS_COOKIE on any socket of the namespace, the
 // value events carry in Event.NetNS). Watching a watched port is not an
 // error. At most 4096 ports can be watched at once.
@@ -44,7 +46,7 @@ func (p *Probe) Unwatch(netnsCookie uint64, port uint16) error {
 }
 
 func (p *Probe) checkWatch(port uint16) error {
-	if !p.watchedOnly {
+	if !p.watching {
 		return ErrNotWatchedOnly
 	}
 	if port == 0 {

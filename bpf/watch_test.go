@@ -140,3 +140,43 @@ func TestCountersPerNamespace(t *testing.T) {
 		probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, port), func(c bpf.PortCounters) bool { return c == want })
 	}
 }
+
+// TestWakeWatchedOnly: every record is written, but only a watched port's
+// client-gone event wakes the reader. With a poll interval of an hour and a
+// ring too large for the wakeup threshold, an unwatched port's reset stays
+// unread until the watched port's reset wakes the reader, which then reads
+// both.
+func TestWakeWatchedOnly(t *testing.T) {
+	pair := testnet.NewPair(t)
+	p := probetest.Load(t, bpf.Options{WakeWatchedOnly: true, FlushInterval: time.Hour, RingBufferSize: 64 << 20})
+	ns, err := pair.Server.NetNSCookie()
+	if err != nil {
+		t.Fatal(err)
+	}
+	rec := probetest.Record(t, p, probetest.InNetNS(ns))
+	listen := func() (net.Listener, uint16) {
+		ln, err := pair.Server.Listen("tcp4", testnet.ServerAddr4.String()+":0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { ln.Close() })
+		return ln, uint16(ln.Addr().(*net.TCPAddr).Port)
+	}
+	watchedLn, watchedPort := listen()
+	otherLn, otherPort := listen()
+	if err := p.Watch(ns, watchedPort); err != nil {
+		t.Fatal(err)
+	}
+	other := resetByClient(t, pair, otherLn)
+	probetest.WaitCounters(t, p, probetest.Port(t, pair.Server, otherPort), func(c bpf.PortCounters) bool { return c.ClosedTotal() == 1 })
+	time.Sleep(200 * time.Millisecond) // a wakeup, had there been one, would have been read by now
+	if evs := rec.Events(func(e *bpf.Event) bool { return e.Cookie == other }); len(evs) != 0 {
+		t.Fatalf("an unwatched port's reset woke the reader: %v", evs)
+	}
+	watched := resetByClient(t, pair, watchedLn)
+	rec.Wait(t, 5*time.Second, "closed", probetest.Cookie(watched, bpf.KindClosed))
+	rec.Wait(t, 5*time.Second, "closed", probetest.Cookie(other, bpf.KindClosed))
+	if evs := rec.Events(probetest.Cookie(watched, bpf.KindOpened)); len(evs) != 1 {
+		t.Errorf("routine records are kept: %d opened records for the watched connection", len(evs))
+	}
+}

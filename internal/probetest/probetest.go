@@ -46,6 +46,7 @@ func LoadWith(t testing.TB, load func(bpf.Options) (*bpf.Probe, error), opts bpf
 // Recorder reads a probe's events in the background and keeps those that
 // pass its filter.
 type Recorder struct {
+	probe  *bpf.Probe
 	mu     sync.Mutex
 	cond   *sync.Cond
 	events []bpf.Event
@@ -57,7 +58,7 @@ type Recorder struct {
 // which keep returns true are kept (nil keeps all): filter by network
 // namespace cookie so that parallel tests never see each other's sockets.
 func Record(t testing.TB, p *bpf.Probe, keep func(*bpf.Event) bool) *Recorder {
-	r := &Recorder{}
+	r := &Recorder{probe: p}
 	r.cond = sync.NewCond(&r.mu)
 	stopped := make(chan struct{})
 	go func() {
@@ -105,7 +106,9 @@ func (r *Recorder) Wait(t testing.TB, timeout time.Duration, what string, match 
 	t.Helper()
 	e, ok := r.WaitFor(timeout, match)
 	if !ok {
-		t.Fatalf("no %s event within %s; seen:\n%s", what, timeout, r.Dump())
+		st, err := r.probe.Stats()
+		hs, _ := r.probe.HookStats()
+		t.Fatalf("no %s event within %s (probe stats %+v %v, hooks %+v); seen:\n%s", what, timeout, st, err, hs, r.Dump())
 	}
 	return e
 }
