@@ -180,6 +180,19 @@ func New(cfg Config) (*Agent, error) {
 		subs:   make(map[*subscriber]struct{}),
 		users:  make(map[uint32]*account),
 	}
+	if w, ok := cfg.Source.(watcher); ok {
+		a.routes.watch = func(k connKey, on bool) {
+			var err error
+			if on {
+				err = w.Watch(k.netns, k.port)
+			} else {
+				err = w.Unwatch(k.netns, k.port)
+			}
+			if err != nil && !errors.Is(err, bpf.ErrNotWatchedOnly) {
+				a.log.Warn("the probe does not wake the agent at once for a registered port", "netns_cookie", k.netns, "port", k.port, "err", err)
+			}
+		}
+	}
 	ln, err := listenSocket(cfg.SocketPath, cfg.SocketGroup)
 	if err != nil {
 		return nil, err

@@ -26,6 +26,10 @@ type routes struct {
 	byKey  map[connKey][]*listener
 	nextID uint32
 	closed recentlyClosed // listener closes, for registrations under way
+	// watch, if set, is told when a (netns, port) gets its first listener
+	// (on) and loses its last: the probe then wakes the agent at once for
+	// those connections' client-gone events only.
+	watch func(k connKey, on bool)
 }
 
 func newRoutes() *routes {
@@ -101,6 +105,9 @@ func (r *routes) addLocked(sub *subscriber, info listenerInfo) *listener {
 	}
 	l := &listener{id: r.nextID, sub: sub, info: info}
 	k := connKey{netns: info.netns, port: info.addr.Port()}
+	if len(r.byKey[k]) == 0 && r.watch != nil {
+		r.watch(k, true)
+	}
 	r.byKey[k] = append(r.byKey[k], l)
 	return l
 }
@@ -150,6 +157,9 @@ func (r *routes) removeLocked(l *listener) {
 	clear(ls[len(out):])
 	if len(out) == 0 {
 		delete(r.byKey, k)
+		if r.watch != nil {
+			r.watch(k, false)
+		}
 	} else {
 		r.byKey[k] = out
 	}

@@ -25,3 +25,15 @@ type Source interface {
 }
 
 var _ Source = (*bpf.Probe)(nil)
+
+// watcher is implemented by a probe that can wake the agent at once for
+// the client-gone events of some ports only (bpf.Options.WakeWatchedOnly):
+// the agent watches the ports of its subscribers' listeners, whose events
+// a server waits for; the rest wait for the probe's next poll, which the
+// metrics do not mind.
+type watcher interface {
+	Watch(netnsCookie uint64, port uint16) error
+	Unwatch(netnsCookie uint64, port uint16) error
+}
+
+var _ watcher = (*bpf.Probe)(nil)

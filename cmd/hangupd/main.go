@@ -123,7 +123,9 @@ func run(args []string, logOut io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
-	probe, err := bpf.Load(bpf.Options{RingBufferSize: o.ringBufferSize, MaxConnections: o.maxConns})
+	// Wakeups cost the kernel microseconds each: only the client-gone
+	// events of subscribers' listeners wake the agent at once.
+	probe, err := bpf.Load(bpf.Options{RingBufferSize: o.ringBufferSize, MaxConnections: o.maxConns, WakeWatchedOnly: true})
 	if err != nil {
 		var ve *bpf.VerifierError
 		if errors.As(err, &ve) {
