@@ -37,13 +37,14 @@ const sentinel = ^uint64(0)
 func benchSubscriber(path string) error {
 	var n, dropped atomic.Uint64
 	end := make(chan struct{})
+	var once sync.Once
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	c, err := wire.Dial(ctx, path, wire.ClientConfig{
 		Name: "bench",
 		OnEvent: func(e wire.Event) {
 			if e.Cookie == sentinel {
-				close(end)
+				once.Do(func() { close(end) })
 				return
 			}
 			n.Add(1)
@@ -134,8 +135,27 @@ func BenchmarkAgent100kClosed(b *testing.B) {
 					fs.ch <- e
 				}
 			}
-			fs.ch <- bpf.Event{Kind: bpf.KindPeerReset, Cookie: sentinel, NetNS: ns, Local: local, Remote: remote}
-			if !lines.Scan() {
+			// The sentinel is sent until it arrives: a full queue may drop it.
+			stopSentinel := make(chan struct{})
+			go func() {
+				t := time.NewTicker(50 * time.Millisecond)
+				defer t.Stop()
+				for {
+					select {
+					case fs.ch <- bpf.Event{Kind: bpf.KindPeerReset, Cookie: sentinel, NetNS: ns, Local: local, Remote: remote}:
+					case <-stopSentinel:
+						return
+					}
+					select {
+					case <-t.C:
+					case <-stopSentinel:
+						return
+					}
+				}
+			}()
+			scanned := lines.Scan()
+			close(stopSentinel)
+			if !scanned {
 				b.Fatalf("subscriber: %v", lines.Err())
 			}
 			b.StopTimer()
