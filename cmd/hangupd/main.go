@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/exporter-toolkit/web"
 )
 
 func main() {
@@ -36,6 +37,7 @@ func main() {
 type options struct {
 	listenAddress  string
 	telemetryPath  string
+	webConfigFile  string
 	socketPath     string
 	socketGroup    string
 	logLevel       string
@@ -62,6 +64,7 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.SetOutput(out)
 	fs.StringVar(&o.listenAddress, "web.listen-address", ":9808", "address for the metrics endpoint")
 	fs.StringVar(&o.telemetryPath, "web.telemetry-path", "/metrics", "path of the metrics endpoint")
+	fs.StringVar(&o.webConfigFile, "web.config.file", "", "exporter-toolkit web configuration (TLS, basic auth) for the metrics endpoint; empty serves plain HTTP")
 	fs.StringVar(&o.socketPath, "socket.path", wire.DefaultSocketPath, "subscriber socket (SOCK_SEQPACKET, mode 0660)")
 	fs.StringVar(&o.socketGroup, "socket.group", "", "group (name or id) that may subscribe; empty keeps the agent's group")
 	fs.StringVar(&o.logLevel, "log.level", "info", "log level: debug, info, warn, error")
@@ -119,6 +122,12 @@ func run(args []string, logOut io.Writer) error {
 	log, err := newLogger(logOut, o.logLevel, o.logFormat)
 	if err != nil {
 		return err
+	}
+	if o.webConfigFile != "" {
+		// Checked before the probe loads: a bad file fails the start at once.
+		if err := web.Validate(o.webConfigFile); err != nil {
+			return fmt.Errorf("--web.config.file: %w", err)
+		}
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -178,7 +187,8 @@ func run(args []string, logOut io.Writer) error {
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	webErr := make(chan error, 1)
-	go func() { webErr <- srv.Serve(ln) }()
+	webFlags := &web.FlagConfig{WebConfigFile: &o.webConfigFile}
+	go func() { webErr <- web.Serve(ln, srv, webFlags, log.With("component", "web")) }()
 	log.Info("hangupd started", "version", versionString(), "web.listen-address", ln.Addr().String(),
 		"socket.path", a.SocketPath())
 
