@@ -108,6 +108,8 @@ type Agent struct {
 	dropped atomic.Uint64 // events dropped for slow subscribers, all sessions
 	seeded  atomic.Uint64 // connections found through sock_diag
 
+	startupDone chan struct{} // closed when Run finished the start-up scan
+
 	dirty []*subscriber // pipeline goroutine only: subscribers to flush
 
 	nsInfo nsInfoCache
@@ -179,6 +181,8 @@ func New(cfg Config) (*Agent, error) {
 		path:   cfg.SocketPath,
 		subs:   make(map[*subscriber]struct{}),
 		users:  make(map[uint32]*account),
+
+		startupDone: make(chan struct{}),
 	}
 	ln, err := listenSocket(cfg.SocketPath, cfg.SocketGroup)
 	if err != nil {
@@ -258,6 +262,12 @@ func lookupGroup(name string) (int, error) {
 	return strconv.Atoi(g.Gid)
 }
 
+// StartupDone is closed once Run has finished its start-up work, the
+// sock_diag scan of every namespace (at once with NoSeed): from then on the
+// agent enters other namespaces only for listeners that subscribers
+// register, so a caller may drop the privileges only that scan needed.
+func (a *Agent) StartupDone() <-chan struct{} { return a.startupDone }
+
 // SocketPath returns the subscriber socket's path.
 func (a *Agent) SocketPath() string { return a.path }
 
@@ -280,6 +290,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("seeded connections that existed before start", "connections", n)
 		}
 	}
+	close(a.startupDone)
 	a.wg.Add(2)
 	go func() {
 		defer a.wg.Done()

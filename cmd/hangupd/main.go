@@ -55,6 +55,8 @@ type options struct {
 	maxNamespaces  int
 	stallTimeout   time.Duration
 	noSeed         bool
+	capsDrop       string
+	capsKeep       string
 	version        bool
 }
 
@@ -82,12 +84,20 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values per network namespace before port=\"other\" (0: 100)")
 	fs.IntVar(&o.maxNamespaces, "metrics.max-namespaces", 0, "distinct netns label values before netns=\"other\" (0: 250)")
 	fs.BoolVar(&o.noSeed, "seed.disable", false, "do not look for connections that existed before start (sock_diag)")
+	fs.StringVar(&o.capsDrop, "caps.drop", "auto", "after start: auto keeps only the capabilities still needed (CAP_NET_ADMIN and CAP_SYS_ADMIN to seed listeners of other namespaces, none with --seed.disable); none keeps all")
+	fs.StringVar(&o.capsKeep, "caps.keep", "", "capabilities that --caps.drop=auto keeps besides the needed ones, comma-separated (e.g. CAP_SYS_PTRACE to name the processes of other users in hangup_netns_info)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if o.capsDrop != "auto" && o.capsDrop != "none" {
+		return nil, fmt.Errorf("--caps.drop: %q is neither auto nor none", o.capsDrop)
+	}
+	if _, err := parseCaps(o.capsKeep); err != nil {
+		return nil, fmt.Errorf("--caps.keep: %w", err)
 	}
 	return &o, nil
 }
@@ -196,6 +206,14 @@ func run(args []string, logOut io.Writer) error {
 	defer cancel()
 	agentErr := make(chan error, 1)
 	go func() { agentErr <- a.Run(runCtx) }()
+	capsErr := make(chan error, 1)
+	go func() {
+		select {
+		case <-a.StartupDone():
+			capsErr <- lowerCaps(log, o, func() error { _, err := probe.Stats(); return err })
+		case <-runCtx.Done():
+		}
+	}()
 
 	// The metrics endpoint stops first: scrapes read the probe, which the
 	// agent closes when it stops.
@@ -205,26 +223,62 @@ func run(args []string, logOut io.Writer) error {
 		return srv.Shutdown(shutdownCtx)
 	}
 	var result error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down", "signal", context.Cause(ctx))
-		if err := stopWeb(); err != nil {
-			log.Warn("stopping the metrics endpoint", "err", err)
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down", "signal", context.Cause(ctx))
+			if err := stopWeb(); err != nil {
+				log.Warn("stopping the metrics endpoint", "err", err)
+			}
+			cancel()
+			result = <-agentErr
+		case err := <-agentErr:
+			stopWeb()
+			result = err
+		case err := <-capsErr:
+			capsErr = nil // a nil channel: this case is done
+			if err == nil {
+				continue
+			}
+			result = fmt.Errorf("dropping capabilities (--caps.drop=none keeps them): %w", err)
+			stopWeb()
+			cancel()
+			<-agentErr
+		case err := <-webErr:
+			result = fmt.Errorf("metrics endpoint: %w", err)
+			cancel()
+			<-agentErr
 		}
-		cancel()
-		result = <-agentErr
-	case err := <-agentErr:
-		stopWeb()
-		result = err
-	case err := <-webErr:
-		result = fmt.Errorf("metrics endpoint: %w", err)
-		cancel()
-		<-agentErr
+		break loop
 	}
 	if result == nil {
 		log.Info("hangupd stopped")
 	}
 	return result
+}
+
+// lowerCaps applies --caps.drop and --caps.keep once the agent has started;
+// check reads the probe's maps.
+func lowerCaps(log *slog.Logger, o *options, check func() error) error {
+	if o.capsDrop == "none" {
+		pc, err := readCaps()
+		if err != nil {
+			return err
+		}
+		log.Info("capabilities kept (--caps.drop=none)", "component", "caps", "kept", pc.effective.String())
+		return nil
+	}
+	extra, err := parseCaps(o.capsKeep)
+	if err != nil {
+		return fmt.Errorf("--caps.keep: %w", err)
+	}
+	err = dropCaps(log, capsNeeded(!o.noSeed)|extra, check)
+	if errors.Is(err, errCgo) {
+		log.Warn("capabilities kept", "component", "caps", "err", err)
+		return nil
+	}
+	return err
 }
 
 func versionString() string {

@@ -163,3 +163,15 @@ func (d *daemon) stop(t *testing.T) error {
 		return nil
 	}
 }
+
+// waitLog waits until the daemon's log contains s.
+func (d *daemon) waitLog(t *testing.T, s string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for !strings.Contains(d.logs.String(), s) {
+		if time.Now().After(deadline) {
+			t.Fatalf("no %s in the log", s)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

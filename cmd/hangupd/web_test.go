@@ -73,6 +73,8 @@ func writeWebConfig(t *testing.T, dir, text string) string {
 	return p
 }
 
+func httpClient() *http.Client { return &http.Client{Timeout: 10 * time.Second} }
+
 func scrape(t *testing.T, c *http.Client, url, user, pass string) (int, string) {
 	t.Helper()
 	req, err := http.NewRequest("GET", url, nil)
