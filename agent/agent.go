@@ -89,6 +89,12 @@ type Config struct {
 	// NoSeed disables the sock_diag scan for server connections that
 	// existed before the agent started. The zero value scans.
 	NoSeed bool
+	// ProgramStats exports each probe program's run count and run time
+	// (hangup_probe_program_*), read from a Source that implements
+	// ProgramStatsSource. The kernel counts them only while its BPF
+	// statistics are on (bpf.EnableStats, or the kernel.bpf_stats_enabled
+	// sysctl). The zero value exports none.
+	ProgramStats bool
 }
 
 // Agent is the running host agent. Create it with New, then call Run.

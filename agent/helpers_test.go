@@ -41,6 +41,14 @@ func (f *fakeSource) ReadInto(e *bpf.Event) error {
 	}
 }
 
+// HookStats reports two hooks with made-up run statistics.
+func (f *fakeSource) HookStats() ([]bpf.HookStats, error) {
+	return []bpf.HookStats{
+		{Hook: "inet_sock_set_state", RunCount: 10, RunTime: 5 * time.Microsecond},
+		{Hook: "tcp_retransmit_skb", RunCount: 1, RunTime: time.Microsecond},
+	}, nil
+}
+
 func (f *fakeSource) PortCounters() (map[bpf.PortKey]bpf.PortCounters, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

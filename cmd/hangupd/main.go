@@ -55,6 +55,7 @@ type options struct {
 	maxNamespaces  int
 	stallTimeout   time.Duration
 	noSeed         bool
+	probeStats     bool
 	capsDrop       string
 	capsKeep       string
 	version        bool
@@ -83,6 +84,7 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.DurationVar(&o.stallTimeout, "subscribers.stall-timeout", 0, "disconnect a subscriber that stopped reading for this long (0: 30s)")
 	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values per network namespace before port=\"other\" (0: 100)")
 	fs.IntVar(&o.maxNamespaces, "metrics.max-namespaces", 0, "distinct netns label values before netns=\"other\" (0: 250)")
+	fs.BoolVar(&o.probeStats, "probe.stats", false, "turn on the kernel's BPF run-time statistics while hangupd runs and export each probe program's run count and time (costs every BPF program on the host a few ns per run)")
 	fs.BoolVar(&o.noSeed, "seed.disable", false, "do not look for connections that existed before start (sock_diag)")
 	fs.StringVar(&o.capsDrop, "caps.drop", "auto", "after start: auto keeps only the capabilities still needed (CAP_NET_ADMIN and CAP_SYS_ADMIN to seed listeners of other namespaces, none with --seed.disable); none keeps all")
 	fs.StringVar(&o.capsKeep, "caps.keep", "", "capabilities that --caps.drop=auto keeps besides the needed ones, comma-separated (e.g. CAP_SYS_PTRACE to name the processes of other users in hangup_netns_info)")
@@ -152,6 +154,14 @@ func run(args []string, logOut io.Writer) error {
 	}
 	defer probe.Close()
 	log.Info("kernel probe loaded", "component", "probe")
+	if o.probeStats {
+		stats, err := bpf.EnableStats()
+		if err != nil {
+			return fmt.Errorf("--probe.stats: %w", err)
+		}
+		defer stats.Close()
+		log.Info("BPF run-time statistics on", "component", "probe")
+	}
 
 	a, err := agent.New(agent.Config{
 		Source:                probe,
@@ -169,6 +179,7 @@ func run(args []string, logOut io.Writer) error {
 		MaxNamespaces:         o.maxNamespaces,
 		StallTimeout:          o.stallTimeout,
 		NoSeed:                o.noSeed,
+		ProgramStats:          o.probeStats,
 	})
 	if err != nil {
 		return fmt.Errorf("starting the agent: %w", err)

@@ -64,6 +64,9 @@ func TestDaemon(t *testing.T) {
 	if resp.StatusCode != 200 || !bytes.Contains(body, []byte("hangup_build_info")) || !bytes.Contains(body, []byte("hangup_agent_subscribers 1")) {
 		t.Errorf("scrape: %d\n%s", resp.StatusCode, body)
 	}
+	if bytes.Contains(body, []byte("hangup_probe_program_runs_total")) {
+		t.Error("program statistics exported without --probe.stats")
+	}
 	if path, err := exec.LookPath("promtool"); err != nil {
 		testnet.SkipOrFail(t, "promtool not installed: %v", err)
 	} else {
