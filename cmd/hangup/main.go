@@ -1,7 +1,7 @@
 // Command hangup is the command line for hangup's kernel probe and host
 // agent:
 //
-//	hangup watch   live server-socket events from a probe loaded by the command
+//	hangup watch   live server-socket events, from the agent (or a probe of its own)
 //	hangup status  the agent's subscribers, their listeners and its counters
 //	hangup doctor  kernel, BTF, permission and agent checks, with fixes
 package main
@@ -20,7 +20,7 @@ import (
 const usage = `usage: hangup <command> [flags]
 
 commands:
-  watch    print server-socket events as they happen (loads the probe itself: needs root or CAP_BPF+CAP_PERFMON)
+  watch    print server-socket events as they happen, from the agent; without one it loads the probe (needs root or CAP_BPF+CAP_PERFMON)
   status   show the agent's subscribers, listeners and counters
   doctor   check that this host can run hangup, and say how to fix what is missing
 
