@@ -35,11 +35,11 @@ type subscriber struct {
 	name      string
 	listeners []*listener
 
-	dirty bool          // pipeline goroutine only: in Agent.dirty
+	dirty bool // pipeline goroutine only: in Agent.dirty
 	// watching and watchAll say that the session sent Watch, and whether
 	// it sees every connection; guarded by the agent's routes.mu.
 	watching, watchAll bool
-	kinds atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
+	kinds              atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
 
 	done      chan struct{}
 	closeOnce sync.Once

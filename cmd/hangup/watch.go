@@ -145,9 +145,9 @@ func (f *eventFilter) match(e *bpf.Event) bool {
 
 // printer writes the events that pass its filter, up to a count.
 type printer struct {
-	out    io.Writer
-	json   bool
-	enc    *json.Encoder
+	out     io.Writer
+	json    bool
+	enc     *json.Encoder
 	filter  eventFilter
 	limit   int // events to print before done; 0: no limit
 	printed int
