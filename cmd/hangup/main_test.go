@@ -187,7 +187,14 @@ func TestStatus(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &st); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	if len(st.Subscribers) != 1 || st.Subscribers[0].Name != "webshop" || st.Agent.Subscribers != 2 {
+	// The first status session may still be leaving: count webshop only.
+	var webshop int
+	for _, r := range st.Subscribers {
+		if r.Name == "webshop" {
+			webshop++
+		}
+	}
+	if webshop != 1 || st.Agent.Subscribers < 2 {
 		t.Errorf("status json: %+v", st)
 	}
 	if err := run(context.Background(), []string{"status", "--socket.path", a.SocketPath() + ".none"}, &out, &errb); err == nil {
