@@ -93,3 +93,24 @@ func TestWatch(t *testing.T) {
 		t.Errorf("Watch on a closed client: %v", err)
 	}
 }
+
+// TestWatchNeedsVersion3: in a session of version 2 (an older client), a
+// Watch is answered with an Error for its request, and the session goes on.
+func TestWatchNeedsVersion3(t *testing.T) {
+	a := startAgent(t, Config{Source: newFakeSource(), NoSeed: true})
+	r := dialRaw(t, a)
+	h := rawHello("v2")
+	h.MaxVersion = 2
+	r.send(wire.Frame{Type: wire.TypeHello, Version: 2, Hello: h}, -1)
+	if f := r.next(); f.Type != wire.TypeWelcome || f.Version != 2 {
+		t.Fatalf("got %s in version %d, want welcome in version 2", f.Type, f.Version)
+	}
+	r.conn.SetVersion(2)
+	r.send(wire.Frame{Type: wire.TypeWatch, Watch: wire.Watch{Request: 9}}, -1)
+	if e := r.expectError(wire.CodeUnexpected, false); e.Request != 9 {
+		t.Errorf("error for request %d, want 9", e.Request)
+	}
+	r.send(wire.Frame{Type: wire.TypeStatusRequest}, -1)
+	for f := r.next(); f.Type != wire.TypeStatusEnd; f = r.next() {
+	}
+}
