@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -28,13 +30,17 @@ func top(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	interval := fs.Duration("interval", 2*time.Second, "time between two readings; rates are over it")
 	once := fs.Bool("once", false, "print one table (two readings an interval apart) and exit, for scripts")
 	limit := fs.Int("limit", 0, "rows to show, the most aborts first (0: all)")
+	caFile := fs.String("tls.ca-file", "", "PEM certificates that sign the endpoint's (an https --url with hangupd's --web.config.file); empty: the system's")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if *interval <= 0 {
 		return fmt.Errorf("--interval must be positive, not %s", *interval)
 	}
-	client := &http.Client{Timeout: 10 * time.Second}
+	client, err := metricsClient(*caFile)
+	if err != nil {
+		return err
+	}
 	prev, err := scrapeAgent(ctx, client, *url)
 	if err != nil {
 		return err
@@ -70,6 +76,25 @@ func top(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		}
 		prev = cur
 	}
+}
+
+// metricsClient is the HTTP client for the agent's endpoint, trusting the
+// certificates in caFile if it is set.
+func metricsClient(caFile string) (*http.Client, error) {
+	c := &http.Client{Timeout: 10 * time.Second}
+	if caFile == "" {
+		return c, nil
+	}
+	pem, err := os.ReadFile(caFile)
+	if err != nil {
+		return nil, fmt.Errorf("--tls.ca-file: %w", err)
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("--tls.ca-file: no PEM certificate in %s", caFile)
+	}
+	c.Transport = &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}
+	return c, nil
 }
 
 func isTerminal(w io.Writer) bool {
@@ -109,7 +134,7 @@ func scrapeAgent(ctx context.Context, c *http.Client, url string) (snapshot, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return snapshot{}, fmt.Errorf("reading the agent's metrics at %s: %s", url, resp.Status)
+		return snapshot{}, fmt.Errorf("reading the agent's metrics at %s: %s", req.URL.Redacted(), resp.Status)
 	}
 	s, err := parseSnapshot(io.LimitReader(resp.Body, 64<<20))
 	s.at = time.Now()

@@ -17,6 +17,7 @@ import (
 
 	"github.com/hangup-io/hangup/agent"
 	"github.com/hangup-io/hangup/internal/testnet"
+	"github.com/hangup-io/hangup/internal/testutil"
 )
 
 const scrapeA = `# TYPE hangup_connections_opened_total counter
@@ -191,6 +192,50 @@ func TestTopOnce(t *testing.T) {
 	} {
 		if err := run(context.Background(), args, &out, &errb); err == nil {
 			t.Errorf("%v succeeded", args)
+		}
+	}
+}
+
+// TestTopTLS: top reads an https endpoint whose certificate --tls.ca-file
+// trusts, with basic auth from the URL; without the CA, or with a wrong
+// password, it fails.
+func TestTopTLS(t *testing.T) {
+	dir := t.TempDir()
+	certFile, keyFile, _ := testutil.SelfSignedCert(t, dir)
+	ln, err := net.Listen("tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != "prometheus" || p != "s3cret" {
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; version=0.0.4")
+		w.Write([]byte(scrapeA))
+	})}
+	go srv.ServeTLS(ln, certFile, keyFile)
+	defer srv.Close()
+	base := "://127.0.0.1:" + strconv.Itoa(ln.Addr().(*net.TCPAddr).Port) + "/metrics"
+
+	var out, errb bytes.Buffer
+	if err := run(context.Background(), []string{"top", "--once", "--interval", "10ms",
+		"--tls.ca-file", certFile, "--url", "https://prometheus:s3cret@" + base[3:]}, &out, &errb); err != nil {
+		t.Fatalf("%v\n%s", err, errb.String())
+	}
+	if !strings.Contains(out.String(), "9090") || !strings.Contains(out.String(), "orders") {
+		t.Errorf("table:\n%s", out.String())
+	}
+	for name, args := range map[string][]string{
+		"untrusted":      {"--url", "https://prometheus:s3cret@" + base[3:]},
+		"wrong password": {"--tls.ca-file", certFile, "--url", "https://prometheus:nope@" + base[3:]},
+		"no CA file":     {"--tls.ca-file", dir + "/absent.pem", "--url", "https" + base},
+		"no certificate": {"--tls.ca-file", keyFile, "--url", "https" + base},
+	} {
+		if err := run(context.Background(), append([]string{"top", "--once", "--interval", "10ms"}, args...), &out, &errb); err == nil {
+			t.Errorf("%s: top succeeded", name)
+		} else if strings.Contains(err.Error(), "s3cret") || strings.Contains(err.Error(), "nope") {
+			t.Errorf("%s: the error shows the password: %v", name, err)
 		}
 	}
 }
