@@ -19,6 +19,14 @@ const namespace = "hangup"
 // (Config.MaxPorts per namespace, Config.MaxNamespaces).
 const other = "other"
 
+// ProgramStatsSource is a Source that reports the kernel's run-time
+// statistics of each of its programs (see Config.ProgramStats).
+type ProgramStatsSource interface {
+	HookStats() ([]bpf.HookStats, error)
+}
+
+var _ ProgramStatsSource = (*bpf.Probe)(nil)
+
 // collector exports the probe's exact per-port counts and the agent's own
 // counters. Per-port series come from the kernel's maps, not from events,
 // so a full ring buffer never falsifies them.

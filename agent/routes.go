@@ -22,13 +22,14 @@ type listener struct {
 // kernel only allows within one user, so delivering to each of them reveals
 // nothing across users).
 type routes struct {
-	mu    sync.RWMutex
-	byKey map[connKey][]*listener
 	// watchers are the sessions that sent Watch: they get the events they
 	// may see besides those of their own listeners.
 	watchers []*subscriber
-	nextID   uint32
-	closed   recentlyClosed // listener closes, for registrations under way
+
+	mu     sync.RWMutex
+	byKey  map[connKey][]*listener
+	nextID uint32
+	closed recentlyClosed // listener closes, for registrations under way
 }
 
 func newRoutes() *routes {

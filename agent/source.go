@@ -25,11 +25,3 @@ type Source interface {
 }
 
 var _ Source = (*bpf.Probe)(nil)
-
-// ProgramStatsSource is a Source that reports the kernel's run-time
-// statistics of each of its programs (see Config.ProgramStats).
-type ProgramStatsSource interface {
-	HookStats() ([]bpf.HookStats, error)
-}
-
-var _ ProgramStatsSource = (*bpf.Probe)(nil)
