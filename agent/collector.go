@@ -83,8 +83,8 @@ func (a *Agent) Collector() prometheus.Collector {
 		labelLimit:   d("agent", "label_limit", `The caps on per-port metric label values: label="netns" namespaces, label="port" ports per namespace.`, "label"),
 		netnsInfo:    d("netns", "info", "What runs in a network namespace that has per-port series: the listening process's name and, where its cgroup shows them, the container id and Kubernetes pod UID; the value is 1.", "netns", "process", "container_id", "pod_uid"),
 
-		progRuns:    d("probe", "program_runs_total", "Runs of the probe's BPF program on each hook, counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "program"),
-		progRunTime: d("probe", "program_run_seconds_total", "Time spent in the probe's BPF program on each hook, counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "program"),
+		progRuns:    d("probe", "program_runs_total", "Runs of the probe's BPF programs on each hook (tracepoint), counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "hook"),
+		progRunTime: d("probe", "program_run_seconds_total", "Time spent in the probe's BPF programs on each hook (tracepoint), counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "hook"),
 
 		labels: labeller{maxNS: a.cfg.MaxNamespaces, maxPorts: a.cfg.MaxPorts, ns: make(map[uint32]map[uint16]bool)},
 	}
@@ -149,9 +149,15 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 			c.log.Error("reading program statistics", "err", err)
 			ch <- prometheus.NewInvalidMetric(c.progRuns, err)
 		} else {
+			// Summed per hook: a tracepoint may have more than one program.
+			runs, secs := map[string]uint64{}, map[string]float64{}
 			for _, h := range hooks {
-				counter(c.progRuns, h.RunCount, h.Hook)
-				ch <- prometheus.MustNewConstMetric(c.progRunTime, prometheus.CounterValue, h.RunTime.Seconds(), h.Hook)
+				runs[h.Hook] += h.RunCount
+				secs[h.Hook] += h.RunTime.Seconds()
+			}
+			for hook, n := range runs {
+				counter(c.progRuns, n, hook)
+				ch <- prometheus.MustNewConstMetric(c.progRunTime, prometheus.CounterValue, secs[hook], hook)
 			}
 		}
 	}

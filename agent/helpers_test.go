@@ -41,10 +41,11 @@ func (f *fakeSource) ReadInto(e *bpf.Event) error {
 	}
 }
 
-// HookStats reports two hooks with made-up run statistics.
+// HookStats reports made-up run statistics of three programs on two hooks.
 func (f *fakeSource) HookStats() ([]bpf.HookStats, error) {
 	return []bpf.HookStats{
 		{Hook: "inet_sock_set_state", RunCount: 10, RunTime: 5 * time.Microsecond},
+		{Hook: "inet_sock_set_state", RunCount: 2, RunTime: time.Microsecond},
 		{Hook: "tcp_retransmit_skb", RunCount: 1, RunTime: time.Microsecond},
 	}, nil
 }

@@ -27,14 +27,14 @@ func sample(body, series string) (float64, bool) {
 func TestProbeStats(t *testing.T) {
 	d := startDaemon(t, "--probe.stats")
 	url := "http://" + d.addr + "/metrics"
-	const runs = `hangup_probe_program_runs_total{program="inet_sock_set_state"}`
-	const secs = `hangup_probe_program_run_seconds_total{program="inet_sock_set_state"}`
+	const runs = `hangup_probe_program_runs_total{hook="inet_sock_set_state"}`
+	const secs = `hangup_probe_program_run_seconds_total{hook="inet_sock_set_state"}`
 	_, body := scrape(t, httpClient(), url, "", "")
 	before, ok := sample(body, runs)
 	if !ok {
 		t.Fatalf("no %s in the scrape:\n%s", runs, body)
 	}
-	if !strings.Contains(body, `hangup_probe_program_runs_total{program="tcp_receive_reset"}`) {
+	if !strings.Contains(body, `hangup_probe_program_runs_total{hook="tcp_receive_reset"}`) {
 		t.Errorf("not every program is exported:\n%s", body)
 	}
 
