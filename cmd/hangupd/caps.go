@@ -181,7 +181,7 @@ func dropCaps(log *slog.Logger, keep capSet, check func() error) error {
 	if err := capsetAll(before.effective, before.permitted, before.inheritable); err != nil {
 		return err
 	}
-	if before.permitted&capOf(unix.CAP_SETPCAP) != 0 {
+	if before.effective&capOf(unix.CAP_SETPCAP) != 0 {
 		for v := uint64(before.bounding &^ keep); v != 0; v &= v - 1 {
 			if err := allThreads(unix.SYS_PRCTL, unix.PR_CAPBSET_DROP, uintptr(bits.TrailingZeros64(v)), 0); err != nil {
 				return fmt.Errorf("dropping from the bounding set: %w", err)
