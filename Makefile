@@ -19,7 +19,7 @@ help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
 build: ## build hangupd and hangup into bin/
-	$(GO) build -o $(BIN)/ ./cmd/hangupd ./cmd/hangup
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/ ./cmd/hangupd ./cmd/hangup
 
 run: build ## build and run the agent (as root): metrics on :9808, socket /run/hangup/hangup.sock
 	./$(BIN)/hangupd $(ARGS)

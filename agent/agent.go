@@ -89,6 +89,12 @@ type Config struct {
 	// NoSeed disables the sock_diag scan for server connections that
 	// existed before the agent started. The zero value scans.
 	NoSeed bool
+	// ProgramStats exports each probe program's run count and run time
+	// (hangup_probe_program_*), read from a Source that implements
+	// ProgramStatsSource. The kernel counts them only while its BPF
+	// statistics are on (bpf.EnableStats, or the kernel.bpf_stats_enabled
+	// sysctl). The zero value exports none.
+	ProgramStats bool
 }
 
 // Agent is the running host agent. Create it with New, then call Run.
@@ -107,6 +113,8 @@ type Agent struct {
 	events  atomic.Uint64 // events read from the source
 	dropped atomic.Uint64 // events dropped for slow subscribers, all sessions
 	seeded  atomic.Uint64 // connections found through sock_diag
+
+	startupDone chan struct{} // closed when Run finished the start-up scan
 
 	dirty []*subscriber // pipeline goroutine only: subscribers to flush
 
@@ -179,6 +187,8 @@ func New(cfg Config) (*Agent, error) {
 		path:   cfg.SocketPath,
 		subs:   make(map[*subscriber]struct{}),
 		users:  make(map[uint32]*account),
+
+		startupDone: make(chan struct{}),
 	}
 	if w, ok := cfg.Source.(watcher); ok {
 		a.routes.watch = func(k connKey, on bool) {
@@ -271,6 +281,12 @@ func lookupGroup(name string) (int, error) {
 	return strconv.Atoi(g.Gid)
 }
 
+// StartupDone is closed once Run has finished its start-up work, the
+// sock_diag scan of every namespace (at once with NoSeed): from then on the
+// agent enters other namespaces only for listeners that subscribers
+// register, so a caller may drop the privileges only that scan needed.
+func (a *Agent) StartupDone() <-chan struct{} { return a.startupDone }
+
 // SocketPath returns the subscriber socket's path.
 func (a *Agent) SocketPath() string { return a.path }
 
@@ -293,6 +309,7 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("seeded connections that existed before start", "connections", n)
 		}
 	}
+	close(a.startupDone)
 	a.wg.Add(2)
 	go func() {
 		defer a.wg.Done()

@@ -19,6 +19,14 @@ const namespace = "hangup"
 // (Config.MaxPorts per namespace, Config.MaxNamespaces).
 const other = "other"
 
+// ProgramStatsSource is a Source that reports the kernel's run-time
+// statistics of each of its programs (see Config.ProgramStats).
+type ProgramStatsSource interface {
+	HookStats() ([]bpf.HookStats, error)
+}
+
+var _ ProgramStatsSource = (*bpf.Probe)(nil)
+
 // collector exports the probe's exact per-port counts and the agent's own
 // counters. Per-port series come from the kernel's maps, not from events,
 // so a full ring buffer never falsifies them.
@@ -31,6 +39,7 @@ type collector struct {
 	events, tracked, seeded, subscribers, listeners, dropped            *prometheus.Desc
 	subDelivered, subDropped, subQueued, buildInfo                      *prometheus.Desc
 	folded, labelLimit, netnsInfo                                       *prometheus.Desc
+	progRuns, progRunTime                                               *prometheus.Desc
 
 	labels labeller
 }
@@ -74,6 +83,9 @@ func (a *Agent) Collector() prometheus.Collector {
 		labelLimit:   d("agent", "label_limit", `The caps on per-port metric label values: label="netns" namespaces, label="port" ports per namespace.`, "label"),
 		netnsInfo:    d("netns", "info", "What runs in a network namespace that has per-port series: the listening process's name and, where its cgroup shows them, the container id and Kubernetes pod UID; the value is 1.", "netns", "process", "container_id", "pod_uid"),
 
+		progRuns:    d("probe", "program_runs_total", "Runs of the probe's BPF programs on each hook (tracepoint), counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "hook"),
+		progRunTime: d("probe", "program_run_seconds_total", "Time spent in the probe's BPF programs on each hook (tracepoint), counted by the kernel while its BPF statistics are on (hangupd --probe.stats).", "hook"),
+
 		labels: labeller{maxNS: a.cfg.MaxNamespaces, maxPorts: a.cfg.MaxPorts, ns: make(map[uint32]map[uint16]bool)},
 	}
 }
@@ -83,7 +95,7 @@ func (c *collector) Describe(ch chan<- *prometheus.Desc) {
 		c.opened, c.closed, c.peerFIN, c.peerReset, c.localReset, c.retrans, c.sockErrors,
 		c.probeEvents, c.probeLost, c.trackFull, c.retransFailed, c.folded, c.labelLimit, c.netnsInfo,
 		c.events, c.tracked, c.seeded, c.subscribers, c.listeners, c.dropped,
-		c.subDelivered, c.subDropped, c.subQueued, c.buildInfo,
+		c.subDelivered, c.subDropped, c.subQueued, c.buildInfo, c.progRuns, c.progRunTime,
 	} {
 		ch <- d
 	}
@@ -132,6 +144,23 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 		counter(c.retransFailed, st.RetransmitFailed)
 	}
 
+	if ps, ok := c.a.src.(ProgramStatsSource); ok && c.a.cfg.ProgramStats {
+		if hooks, err := ps.HookStats(); err != nil {
+			c.log.Error("reading program statistics", "err", err)
+			ch <- prometheus.NewInvalidMetric(c.progRuns, err)
+		} else {
+			// Summed per hook: a tracepoint may have more than one program.
+			runs, secs := map[string]uint64{}, map[string]float64{}
+			for _, h := range hooks {
+				runs[h.Hook] += h.RunCount
+				secs[h.Hook] += h.RunTime.Seconds()
+			}
+			for hook, n := range runs {
+				counter(c.progRuns, n, hook)
+				ch <- prometheus.MustNewConstMetric(c.progRunTime, prometheus.CounterValue, secs[hook], hook)
+			}
+		}
+	}
 	counter(c.events, c.a.events.Load())
 	gauge(c.tracked, float64(c.a.table.len()))
 	counter(c.seeded, c.a.seeded.Load())

@@ -41,6 +41,15 @@ func (f *fakeSource) ReadInto(e *bpf.Event) error {
 	}
 }
 
+// HookStats reports made-up run statistics of three programs on two hooks.
+func (f *fakeSource) HookStats() ([]bpf.HookStats, error) {
+	return []bpf.HookStats{
+		{Hook: "inet_sock_set_state", RunCount: 10, RunTime: 5 * time.Microsecond},
+		{Hook: "inet_sock_set_state", RunCount: 2, RunTime: time.Microsecond},
+		{Hook: "tcp_retransmit_skb", RunCount: 1, RunTime: time.Microsecond},
+	}, nil
+}
+
 func (f *fakeSource) PortCounters() (map[bpf.PortKey]bpf.PortCounters, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()

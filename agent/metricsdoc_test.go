@@ -36,7 +36,7 @@ var kernelCounter = map[string]string{
 func TestMetricsReference(t *testing.T) {
 	src := newFakeSource()
 	src.ports[8080] = bpf.PortCounters{Opened: 1}
-	a := startAgent(t, Config{Source: src, NoSeed: true})
+	a := startAgent(t, Config{Source: src, NoSeed: true, ProgramStats: true})
 	c, _ := subscribe(t, a, "doc")
 	if _, _, err := c.Status(context.Background()); err != nil { // the session is served
 		t.Fatal(err)

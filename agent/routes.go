@@ -22,6 +22,10 @@ type listener struct {
 // kernel only allows within one user, so delivering to each of them reveals
 // nothing across users).
 type routes struct {
+	// watchers are the sessions that sent Watch: they get the events they
+	// may see besides those of their own listeners.
+	watchers []*subscriber
+
 	mu     sync.RWMutex
 	byKey  map[connKey][]*listener
 	nextID uint32
@@ -112,7 +116,18 @@ func (r *routes) addLocked(sub *subscriber, info listenerInfo) *listener {
 	return l
 }
 
-// removeAll drops every listener of sub.
+// addWatcher makes sub a watcher; all says it sees every connection.
+func (r *routes) addWatcher(sub *subscriber, all bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	sub.watchAll = all
+	if !sub.watching {
+		sub.watching = true
+		r.watchers = append(r.watchers, sub)
+	}
+}
+
+// removeAll drops every listener of sub, and sub as a watcher.
 func (r *routes) removeAll(sub *subscriber) {
 	sub.mu.Lock()
 	ls := slices.Clone(sub.listeners)
@@ -121,6 +136,10 @@ func (r *routes) removeAll(sub *subscriber) {
 	defer r.mu.Unlock()
 	for _, l := range ls {
 		r.removeLocked(l)
+	}
+	if sub.watching {
+		sub.watching = false
+		r.watchers = slices.DeleteFunc(r.watchers, func(w *subscriber) bool { return w == sub })
 	}
 }
 
@@ -166,37 +185,54 @@ func (r *routes) removeLocked(l *listener) {
 }
 
 // deliver queues e for every subscriber whose listener accepted the
-// connection, and appends to dirty the subscribers that want a flush (see
-// subscriber.enqueue) and are not in it yet; now reports whether one of
-// them wants it before the pipeline reads on. It never blocks: a full queue
-// counts a drop. Only the pipeline goroutine calls it.
+// connection, and for every watcher that may see it, and appends to dirty
+// the subscribers that want a flush (see subscriber.enqueue) and are not in
+// it yet; now reports whether one of them wants it before the pipeline
+// reads on. It never blocks: a full queue counts a drop. Only the pipeline
+// goroutine calls it.
 func (r *routes) deliver(e *bpf.Event, dirty []*subscriber) (_ []*subscriber, now bool) {
 	k := connKey{netns: e.NetNS, port: e.Local.Port()}
 	r.mu.RLock()
+	defer r.mu.RUnlock()
 	ls := r.byKey[k]
-	if len(ls) == 0 {
-		r.mu.RUnlock()
+	if len(ls) == 0 && len(r.watchers) == 0 {
 		return dirty, false
 	}
 	var we wire.Event
 	toWire(e, &we)
 	u := urgent(e)
-	for _, l := range ls {
-		if !l.info.matches(e.Local.Addr()) {
-			continue
+	queue := func(s *subscriber, listener uint32) {
+		if k := s.kinds.Load(); k != 0 && k&(1<<e.Kind) == 0 {
+			return // the subscriber does not want this kind
 		}
-		if k := l.sub.kinds.Load(); k != 0 && k&(1<<e.Kind) == 0 {
-			continue // the subscriber does not want this kind
-		}
-		we.Listener = l.id
-		want := l.sub.enqueue(&we, u)
+		we.Listener = listener
+		want := s.enqueue(&we, u)
 		now = now || want == flushNow
-		if want != flushLater && !l.sub.dirty {
-			l.sub.dirty = true
-			dirty = append(dirty, l.sub)
+		if want != flushLater && !s.dirty {
+			s.dirty = true
+			dirty = append(dirty, s)
 		}
 	}
-	r.mu.RUnlock()
+	for _, l := range ls {
+		if l.info.matches(e.Local.Addr()) && !l.sub.watching {
+			queue(l.sub, l.id)
+		}
+	}
+	// A watcher gets each event once, with the first listener it may see
+	// (its own included: sees, without a syscall per event), or 0 when it
+	// sees all and no listener matches.
+	for _, w := range r.watchers {
+		var id uint32
+		for _, l := range ls {
+			if l.info.matches(e.Local.Addr()) && (w.watchAll || l.sub.cred.Uid == w.cred.Uid) {
+				id = l.id
+				break
+			}
+		}
+		if id != 0 || w.watchAll {
+			queue(w, id)
+		}
+	}
 	return dirty, now
 }
 

@@ -35,8 +35,11 @@ type subscriber struct {
 	name      string
 	listeners []*listener
 
-	dirty bool          // pipeline goroutine only: in Agent.dirty
-	kinds atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
+	dirty bool // pipeline goroutine only: in Agent.dirty
+	// watching and watchAll say that the session sent Watch, and whether
+	// it sees every connection; guarded by the agent's routes.mu.
+	watching, watchAll bool
+	kinds              atomic.Uint32 // the event kinds the peer wants (Hello.Kinds); 0: all
 
 	done      chan struct{}
 	closeOnce sync.Once
@@ -152,6 +155,8 @@ func (s *subscriber) serve() string {
 			closeFD(fd)
 		case wire.TypeStatusRequest:
 			s.status()
+		case wire.TypeWatch:
+			s.watch(f.Watch.Request)
 		default:
 			closeFD(fd)
 			s.replyError(wire.CodeUnexpected, 0, fmt.Sprintf("a subscriber does not send %s frames", f.Type))
@@ -303,7 +308,28 @@ func (s *subscriber) forget(l *listener) {
 // sees reports whether this session may see o's rows in a status answer:
 // its own user's sessions, or every session for root and the agent's user.
 func (s *subscriber) sees(o *subscriber) bool {
-	return s.cred.Uid == 0 || int(s.cred.Uid) == os.Geteuid() || s.cred.Uid == o.cred.Uid
+	return s.seesAll() || s.cred.Uid == o.cred.Uid
+}
+
+// seesAll reports whether the session's user is root or the agent's own.
+func (s *subscriber) seesAll() bool {
+	return s.cred.Uid == 0 || int(s.cred.Uid) == os.Geteuid()
+}
+
+// watch answers a Watch: from now on the session also receives the events
+// it may see (see sees), those of every server connection when seesAll.
+func (s *subscriber) watch(req uint32) {
+	s.omu.Lock()
+	v := s.out.version
+	s.omu.Unlock()
+	if v < wire.WatchVersion {
+		s.replyError(wire.CodeUnexpected, req, fmt.Sprintf("watch needs protocol version %d, the session speaks %d", wire.WatchVersion, v))
+		return
+	}
+	all := s.seesAll()
+	s.a.routes.addWatcher(s, all)
+	s.log.Info("subscriber watches", "all", all)
+	s.reply(wire.Frame{Type: wire.TypeWatching, Watching: wire.Watching{Request: req, All: all}})
 }
 
 // status answers a status request with one row per listener, for the

@@ -1,8 +1,9 @@
 // Command hangup is the command line for hangup's kernel probe and host
 // agent:
 //
-//	hangup watch   live server-socket events from a probe loaded by the command
+//	hangup watch   live server-socket events, from the agent (or a probe of its own)
 //	hangup status  the agent's subscribers, their listeners and its counters
+//	hangup top     a live table of connections, aborts and retransmissions per port
 //	hangup doctor  kernel, BTF, permission and agent checks, with fixes
 package main
 
@@ -20,8 +21,9 @@ import (
 const usage = `usage: hangup <command> [flags]
 
 commands:
-  watch    print server-socket events as they happen (loads the probe itself: needs root or CAP_BPF+CAP_PERFMON)
+  watch    print server-socket events as they happen, from the agent; without one it loads the probe (needs root or CAP_BPF+CAP_PERFMON)
   status   show the agent's subscribers, listeners and counters
+  top      a live table per namespace and port: connections opened, aborted by cause, retransmissions per second
   doctor   check that this host can run hangup, and say how to fix what is missing
 
 Run 'hangup <command> --help' for a command's flags.
@@ -54,6 +56,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 		return watch(ctx, args[1:], stdout, stderr)
 	case "status":
 		return status(ctx, args[1:], stdout, stderr)
+	case "top":
+		return top(ctx, args[1:], stdout, stderr)
 	case "doctor":
 		return doctor(ctx, args[1:], stdout, stderr)
 	case "help", "-h", "--help":

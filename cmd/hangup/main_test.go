@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"net"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
@@ -15,7 +13,6 @@ import (
 
 	"github.com/hangup-io/hangup/agent"
 	"github.com/hangup-io/hangup/bpf"
-	"github.com/hangup-io/hangup/internal/probetest"
 	"github.com/hangup-io/hangup/internal/testnet"
 	"github.com/hangup-io/hangup/internal/testutil"
 	"github.com/hangup-io/hangup/internal/wire"
@@ -89,7 +86,7 @@ func TestWatch(t *testing.T) {
 	ns, _ := pair.Server.NetNSCookie()
 
 	t.Run("json", func(t *testing.T) {
-		out, done := startWatch(t, "--port", port, "--kind", "peer_reset,closed", "--json", "--count", "2",
+		out, done := startWatch(t, "--no-agent", "--port", port, "--kind", "peer_reset,closed", "--json", "--count", "2",
 			"--netns", strconv.FormatUint(ns, 10))
 		cookie := resetConnection(t, pair, ln)
 		select {
@@ -118,7 +115,7 @@ func TestWatch(t *testing.T) {
 	t.Run("human", func(t *testing.T) {
 		// --netns too: other packages' tests may use the same port number
 		// in their own namespaces.
-		out, done := startWatch(t, "--port", port, "--kind", "opened", "--count", "1",
+		out, done := startWatch(t, "--no-agent", "--port", port, "--kind", "opened", "--count", "1",
 			"--netns", strconv.FormatUint(ns, 10))
 		cookie := resetConnection(t, pair, ln)
 		select {
@@ -151,18 +148,7 @@ func TestWatchFlags(t *testing.T) {
 
 func startAgent(t *testing.T) *agent.Agent {
 	t.Helper()
-	probe := probetest.Load(t, bpf.Options{})
-	dir, _ := os.MkdirTemp("", "hangup")
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	a, err := agent.New(agent.Config{Source: probe, SocketPath: filepath.Join(dir, "s")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	t.Cleanup(func() { cancel(); <-done })
-	return a
+	return startAgentWith(t, agent.Config{})
 }
 
 func TestStatus(t *testing.T) {

@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/prometheus/exporter-toolkit/web"
 )
 
 func main() {
@@ -36,6 +37,7 @@ func main() {
 type options struct {
 	listenAddress  string
 	telemetryPath  string
+	webConfigFile  string
 	socketPath     string
 	socketGroup    string
 	logLevel       string
@@ -53,6 +55,9 @@ type options struct {
 	maxNamespaces  int
 	stallTimeout   time.Duration
 	noSeed         bool
+	probeStats     bool
+	capsDrop       string
+	capsKeep       string
 	version        bool
 }
 
@@ -62,6 +67,7 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.SetOutput(out)
 	fs.StringVar(&o.listenAddress, "web.listen-address", ":9808", "address for the metrics endpoint")
 	fs.StringVar(&o.telemetryPath, "web.telemetry-path", "/metrics", "path of the metrics endpoint")
+	fs.StringVar(&o.webConfigFile, "web.config.file", "", "exporter-toolkit web configuration (TLS, basic auth) for the metrics endpoint; empty serves plain HTTP")
 	fs.StringVar(&o.socketPath, "socket.path", wire.DefaultSocketPath, "subscriber socket (SOCK_SEQPACKET, mode 0660)")
 	fs.StringVar(&o.socketGroup, "socket.group", "", "group (name or id) that may subscribe; empty keeps the agent's group")
 	fs.StringVar(&o.logLevel, "log.level", "info", "log level: debug, info, warn, error")
@@ -78,13 +84,22 @@ func parseFlags(args []string, out io.Writer) (*options, error) {
 	fs.DurationVar(&o.stallTimeout, "subscribers.stall-timeout", 0, "disconnect a subscriber that stopped reading for this long (0: 30s)")
 	fs.IntVar(&o.maxPorts, "metrics.max-ports", 0, "distinct port label values per network namespace before port=\"other\" (0: 100)")
 	fs.IntVar(&o.maxNamespaces, "metrics.max-namespaces", 0, "distinct netns label values before netns=\"other\" (0: 250)")
+	fs.BoolVar(&o.probeStats, "probe.stats", false, "turn on the kernel's BPF run-time statistics while hangupd runs and export each probe program's run count and time (costs every BPF program on the host a few ns per run)")
 	fs.BoolVar(&o.noSeed, "seed.disable", false, "do not look for connections that existed before start (sock_diag)")
+	fs.StringVar(&o.capsDrop, "caps.drop", "auto", "after start: auto keeps only the capabilities still needed (CAP_NET_ADMIN and CAP_SYS_ADMIN to seed listeners of other namespaces, none with --seed.disable); none keeps all")
+	fs.StringVar(&o.capsKeep, "caps.keep", "", "capabilities that --caps.drop=auto keeps besides the needed ones, comma-separated (e.g. CAP_SYS_PTRACE to name the processes of other users in hangup_netns_info)")
 	fs.BoolVar(&o.version, "version", false, "print the version and exit")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %s", strings.Join(fs.Args(), " "))
+	}
+	if o.capsDrop != "auto" && o.capsDrop != "none" {
+		return nil, fmt.Errorf("--caps.drop: %q is neither auto nor none", o.capsDrop)
+	}
+	if _, err := parseCaps(o.capsKeep); err != nil {
+		return nil, fmt.Errorf("--caps.keep: %w", err)
 	}
 	return &o, nil
 }
@@ -120,6 +135,12 @@ func run(args []string, logOut io.Writer) error {
 	if err != nil {
 		return err
 	}
+	if o.webConfigFile != "" {
+		// Checked before the probe loads: a bad file fails the start at once.
+		if err := web.Validate(o.webConfigFile); err != nil {
+			return fmt.Errorf("--web.config.file: %w", err)
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 
@@ -135,6 +156,14 @@ func run(args []string, logOut io.Writer) error {
 	}
 	defer probe.Close()
 	log.Info("kernel probe loaded", "component", "probe")
+	if o.probeStats {
+		stats, err := bpf.EnableStats()
+		if err != nil {
+			return fmt.Errorf("--probe.stats: %w", err)
+		}
+		defer stats.Close()
+		log.Info("BPF run-time statistics on", "component", "probe")
+	}
 
 	a, err := agent.New(agent.Config{
 		Source:                probe,
@@ -152,6 +181,7 @@ func run(args []string, logOut io.Writer) error {
 		MaxNamespaces:         o.maxNamespaces,
 		StallTimeout:          o.stallTimeout,
 		NoSeed:                o.noSeed,
+		ProgramStats:          o.probeStats,
 	})
 	if err != nil {
 		return fmt.Errorf("starting the agent: %w", err)
@@ -180,7 +210,8 @@ func run(args []string, logOut io.Writer) error {
 	}
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
 	webErr := make(chan error, 1)
-	go func() { webErr <- srv.Serve(ln) }()
+	webFlags := &web.FlagConfig{WebConfigFile: &o.webConfigFile}
+	go func() { webErr <- web.Serve(ln, srv, webFlags, log.With("component", "web")) }()
 	log.Info("hangupd started", "version", versionString(), "web.listen-address", ln.Addr().String(),
 		"socket.path", a.SocketPath())
 
@@ -188,6 +219,14 @@ func run(args []string, logOut io.Writer) error {
 	defer cancel()
 	agentErr := make(chan error, 1)
 	go func() { agentErr <- a.Run(runCtx) }()
+	capsErr := make(chan error, 1)
+	go func() {
+		select {
+		case <-a.StartupDone():
+			capsErr <- lowerCaps(log, o, func() error { _, err := probe.Stats(); return err })
+		case <-runCtx.Done():
+		}
+	}()
 
 	// The metrics endpoint stops first: scrapes read the probe, which the
 	// agent closes when it stops.
@@ -197,26 +236,62 @@ func run(args []string, logOut io.Writer) error {
 		return srv.Shutdown(shutdownCtx)
 	}
 	var result error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down", "signal", context.Cause(ctx))
-		if err := stopWeb(); err != nil {
-			log.Warn("stopping the metrics endpoint", "err", err)
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			log.Info("shutting down", "signal", context.Cause(ctx))
+			if err := stopWeb(); err != nil {
+				log.Warn("stopping the metrics endpoint", "err", err)
+			}
+			cancel()
+			result = <-agentErr
+		case err := <-agentErr:
+			stopWeb()
+			result = err
+		case err := <-capsErr:
+			capsErr = nil // a nil channel: this case is done
+			if err == nil {
+				continue
+			}
+			result = fmt.Errorf("dropping capabilities (--caps.drop=none keeps them): %w", err)
+			stopWeb()
+			cancel()
+			<-agentErr
+		case err := <-webErr:
+			result = fmt.Errorf("metrics endpoint: %w", err)
+			cancel()
+			<-agentErr
 		}
-		cancel()
-		result = <-agentErr
-	case err := <-agentErr:
-		stopWeb()
-		result = err
-	case err := <-webErr:
-		result = fmt.Errorf("metrics endpoint: %w", err)
-		cancel()
-		<-agentErr
+		break loop
 	}
 	if result == nil {
 		log.Info("hangupd stopped")
 	}
 	return result
+}
+
+// lowerCaps applies --caps.drop and --caps.keep once the agent has started;
+// check reads the probe's maps.
+func lowerCaps(log *slog.Logger, o *options, check func() error) error {
+	if o.capsDrop == "none" {
+		pc, err := readCaps()
+		if err != nil {
+			return err
+		}
+		log.Info("capabilities kept (--caps.drop=none)", "component", "caps", "kept", pc.effective.String())
+		return nil
+	}
+	extra, err := parseCaps(o.capsKeep)
+	if err != nil {
+		return fmt.Errorf("--caps.keep: %w", err)
+	}
+	err = dropCaps(log, capsNeeded(!o.noSeed)|extra, check)
+	if errors.Is(err, errCgo) {
+		log.Warn("capabilities kept", "component", "caps", "err", err)
+		return nil
+	}
+	return err
 }
 
 func versionString() string {

@@ -35,7 +35,7 @@ func (s *Buffer) String() string {
 // BuildHangupd builds the agent binary from cmd/hangupd into a directory
 // that every user may read and traverse (the go tool's own build
 // directories are 0700), removed when the test ends, and returns its path.
-// The go build cache makes repeated builds cheap.
+// The go build cache makes repeated builds cheap. It builds without cgo.
 func BuildHangupd(t testing.TB) string {
 	t.Helper()
 	dir, err := os.MkdirTemp("", "hangupd-bin")
@@ -47,7 +47,11 @@ func BuildHangupd(t testing.TB) string {
 		t.Fatal(err)
 	}
 	bin := filepath.Join(dir, "hangupd")
-	if out, err := exec.Command("go", "build", "-o", bin, "github.com/hangup-io/hangup/cmd/hangupd").CombinedOutput(); err != nil {
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/hangup-io/hangup/cmd/hangupd")
+	// As the release and the image build it: only a binary without cgo can
+	// drop capabilities on all its threads (--caps.drop).
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("building hangupd: %v\n%s", err, out)
 	}
 	return bin

@@ -61,10 +61,16 @@ type Client struct {
 	done     chan struct{}
 }
 
+// regResult answers a request: Register or Watch.
 type regResult struct {
-	reg Registered
-	err error
+	reg      Registered
+	watching Watching
+	err      error
 }
+
+// ErrWatchUnsupported is returned by Watch when the agent speaks a protocol
+// version older than WatchVersion.
+var ErrWatchUnsupported = errors.New("wire: the agent is too old to stream all events (protocol version < 3)")
 
 // Dial connects to the agent's socket at path (DefaultSocketPath if empty),
 // says Hello and waits for Welcome. ctx bounds the whole handshake. The
@@ -192,6 +198,8 @@ func (c *Client) dispatch(f *Frame) error {
 		}
 	case TypeRegistered:
 		c.answer(f.Registered.Request, regResult{reg: f.Registered})
+	case TypeWatching:
+		c.answer(f.Watching.Request, regResult{watching: f.Watching})
 	case TypeError:
 		e := f.Error
 		if e.Request != 0 && c.answer(e.Request, regResult{err: &e}) && !e.Fatal {
@@ -300,6 +308,14 @@ func (c *Client) RegisterFD(ctx context.Context, fd int) (Registered, error) {
 }
 
 func (c *Client) sendRegister(fd int) (uint32, chan regResult, error) {
+	return c.sendRequest(fd, func(req uint32) Frame {
+		return Frame{Type: TypeRegister, Register: Register{Request: req}}
+	})
+}
+
+// sendRequest sends the frame that frame builds for a new request id, with
+// fd (-1 for none), and returns the id and where its answer arrives.
+func (c *Client) sendRequest(fd int, frame func(req uint32) Frame) (uint32, chan regResult, error) {
 	req := c.nextReq.Add(1)
 	if req == 0 {
 		req = c.nextReq.Add(1)
@@ -312,25 +328,51 @@ func (c *Client) sendRegister(fd int) (uint32, chan regResult, error) {
 	}
 	c.pending[req] = ch
 	c.mu.Unlock()
-	f := Frame{Type: TypeRegister, Register: Register{Request: req}}
+	f := frame(req)
 	if err := c.conn.WriteFrame(&f, fd); err != nil {
 		c.answer(req, regResult{})
 		if e := c.Err(); e != nil {
 			return 0, nil, e
 		}
-		return 0, nil, fmt.Errorf("sending register: %w", err)
+		return 0, nil, fmt.Errorf("sending %s: %w", f.Type, err)
 	}
 	return req, ch, nil
 }
 
 func (c *Client) awaitRegistered(ctx context.Context, req uint32, ch chan regResult) (Registered, error) {
+	r := c.await(ctx, req, ch)
+	return r.reg, r.err
+}
+
+func (c *Client) await(ctx context.Context, req uint32, ch chan regResult) regResult {
 	select {
 	case r := <-ch:
-		return r.reg, r.err
+		return r
 	case <-ctx.Done():
 		c.answer(req, regResult{})
-		return Registered{}, ctx.Err()
+		return regResult{err: ctx.Err()}
 	}
+}
+
+// Watch asks the agent to stream, besides the events of this session's own
+// listeners, those of every server connection on the host (when this
+// process's user is root or the agent's user: Watching.All) or of the
+// listeners that sessions of this user registered. They reach OnEvent;
+// Event.Listener is 0 for a connection of no registered listener. It returns
+// ErrWatchUnsupported, without asking, when the agent speaks an older
+// protocol, and a *Error when it refuses.
+func (c *Client) Watch(ctx context.Context) (Watching, error) {
+	if c.version < WatchVersion {
+		return Watching{}, ErrWatchUnsupported
+	}
+	req, ch, err := c.sendRequest(-1, func(req uint32) Frame {
+		return Frame{Type: TypeWatch, Watch: Watch{Request: req}}
+	})
+	if err != nil {
+		return Watching{}, err
+	}
+	r := c.await(ctx, req, ch)
+	return r.watching, r.err
 }
 
 func (c *Client) errLocked() error {

@@ -93,6 +93,13 @@ func Append(b []byte, f *Frame) ([]byte, error) {
 		le.PutUint64(p[20:], s.Lost)
 		le.PutUint64(p[28:], s.Dropped)
 		le.PutUint64(p[36:], s.UptimeSec)
+	case TypeWatch:
+		le.PutUint32(p[0:], f.Watch.Request)
+	case TypeWatching:
+		le.PutUint32(p[0:], f.Watching.Request)
+		if f.Watching.All {
+			p[4] = 1
+		}
 	}
 	return b, nil
 }
@@ -255,6 +262,17 @@ func Decode(b []byte, nfds int, f *Frame) error {
 			Lost:        le.Uint64(p[20:]),
 			Dropped:     le.Uint64(p[28:]),
 			UptimeSec:   le.Uint64(p[36:]),
+		}
+	case TypeWatch:
+		f.Watch.Request = le.Uint32(p[0:])
+	case TypeWatching:
+		f.Watching.Request = le.Uint32(p[0:])
+		// p[5:8] are reserved: written as zero, ignored when read.
+		switch p[4] {
+		case 0, 1:
+			f.Watching.All = p[4] == 1
+		default:
+			err = fmt.Errorf("%w: all flag %d", ErrMalformed, p[4])
 		}
 	}
 	if err != nil {

@@ -25,6 +25,11 @@
 //	                 <─────────────  Registered (or Error with the request id)
 //	                 <─────────────  Event, Event, Dropped, Event ...
 //
+// From version 3 a client may instead (or also) send Watch: the agent
+// answers Watching and streams the events of every server connection on the
+// host to root and to its own user, and to any other user those of the
+// listeners that sessions of that user registered (by SO_PEERCRED).
+//
 // Decode rejects garbage, truncated frames, versions older than MinVersion,
 // unknown types and frames that claim a file descriptor without carrying one
 // (or carry one they should not) with errors that wrap the sentinels below.
@@ -42,8 +47,11 @@ import (
 // peers are refused with CodeVersion.
 const (
 	MinVersion = 2
-	MaxVersion = 2
+	MaxVersion = 3
 )
+
+// WatchVersion is the first protocol version with Watch and Watching.
+const WatchVersion = 3
 
 // Version is the newest protocol version this package speaks.
 const Version = MaxVersion
@@ -74,9 +82,9 @@ var magic = [2]byte{'H', 'U'}
 // Type is a frame type.
 type Type uint8
 
-// Frame types. Client to agent: Hello, Register, StatusRequest. Agent to
-// client: Welcome, Registered, Event, Dropped, Error, StatusListener,
-// StatusEnd.
+// Frame types. Client to agent: Hello, Register, StatusRequest, Watch.
+// Agent to client: Welcome, Registered, Event, Dropped, Error,
+// StatusListener, StatusEnd, Watching.
 const (
 	TypeHello          Type = 1
 	TypeWelcome        Type = 2
@@ -88,6 +96,8 @@ const (
 	TypeStatusRequest  Type = 8
 	TypeStatusListener Type = 9
 	TypeStatusEnd      Type = 10
+	TypeWatch          Type = 11 // version 3 on
+	TypeWatching       Type = 12 // version 3 on
 )
 
 var typeNames = map[Type]string{
@@ -95,6 +105,7 @@ var typeNames = map[Type]string{
 	TypeRegistered: "registered", TypeEvent: "event", TypeDropped: "dropped",
 	TypeError: "error", TypeStatusRequest: "status_request",
 	TypeStatusListener: "status_listener", TypeStatusEnd: "status_end",
+	TypeWatch: "watch", TypeWatching: "watching",
 }
 
 func (t Type) String() string {
@@ -136,6 +147,8 @@ var payloadSizes = map[Type]int{
 	TypeError:          errorMinSize,
 	TypeStatusListener: statusListenerSize,
 	TypeStatusEnd:      statusEndSize,
+	TypeWatch:          watchSize,
+	TypeWatching:       watchingSize,
 }
 
 // fdTypes are the types that must carry a file descriptor.
@@ -163,6 +176,8 @@ type Frame struct {
 	Error          Error
 	StatusListener StatusListener
 	StatusEnd      StatusEnd
+	Watch          Watch
+	Watching       Watching
 }
 
 // Hello opens a session (client to agent). It is written in the client's
@@ -330,6 +345,28 @@ type StatusEnd struct {
 }
 
 const statusEndSize = 4 + 8*5
+
+// Watch asks the agent for the events of connections beyond the session's
+// own listeners (client to agent, version 3 on). The agent answers
+// Watching, or Error with the request id.
+type Watch struct {
+	Request uint32 // chosen by the client, echoed in Watching or Error
+}
+
+const watchSize = 4
+
+// Watching confirms a Watch (agent to client). From then on the session
+// also receives the events it may see: Event.Listener is the listener
+// that accepted the connection when one is registered, else 0.
+type Watching struct {
+	Request uint32
+	// All is true when the session sees every server connection on the
+	// host (its user is root or the agent's own); false when it sees only
+	// the connections of listeners that sessions of its user registered.
+	All bool
+}
+
+const watchingSize = 4 + 4 // request, all flag, 3 reserved bytes
 
 // An address is 16 bytes (IPv4 as IPv4-mapped IPv6), a port, and a family
 // byte plus a pad byte, so that the zero AddrPort survives a round trip.

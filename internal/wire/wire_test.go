@@ -34,6 +34,9 @@ func sampleFrames() []Frame {
 			Listeners: 2, Delivered: 100, Dropped: 1, Queued: 4, Listener: 12, NetNS: 4096,
 			Addr: netip.MustParseAddrPort("0.0.0.0:80")}},
 		{Type: TypeStatusEnd, StatusEnd: StatusEnd{Subscribers: 1, Tracked: 2, Events: 3, Lost: 4, Dropped: 5, UptimeSec: 6}},
+		{Type: TypeWatch, Watch: Watch{Request: 77}},
+		{Type: TypeWatching, Watching: Watching{Request: 77, All: true}},
+		{Type: TypeWatching, Watching: Watching{Request: 78}},
 	}
 	for i := range fs {
 		if fs[i].Version == 0 {
@@ -105,6 +108,7 @@ func TestDecodeErrors(t *testing.T) {
 	reg := encode(t, Frame{Type: TypeRegister, Register: Register{Request: 1}})
 	hello := encode(t, Frame{Type: TypeHello, Hello: Hello{Name: "x", MinVersion: 2, MaxVersion: 2}})
 	errf := encode(t, Frame{Type: TypeError, Error: Error{Code: 1, Message: "hello"}})
+	watching := encode(t, Frame{Type: TypeWatching, Watching: Watching{Request: 1, All: true}})
 	mod := func(b []byte, fn func([]byte)) []byte {
 		c := bytes.Clone(b)
 		fn(c)
@@ -139,6 +143,8 @@ func TestDecodeErrors(t *testing.T) {
 		{"name not padded", mod(hello, func(b []byte) { b[HeaderSize+4+10] = 'x' }), 0, ErrMalformed},
 		{"name not printable", mod(hello, func(b []byte) { b[HeaderSize+4] = 0x01 }), 0, ErrMalformed},
 		{"error message length lies", mod(errf, func(b []byte) { b[HeaderSize+8] = 9 }), 0, ErrTruncated},
+		{"watching all flag", mod(watching, func(b []byte) { b[HeaderSize+4] = 2 }), 0, ErrMalformed},
+		{"watch with fd", encode(t, Frame{Type: TypeWatch}), 1, ErrUnexpectedFD},
 		{"error fatal flag", mod(errf, func(b []byte) { b[HeaderSize+6] = 3 }), 0, ErrMalformed},
 		{"error message too short for header", mod(errf[:HeaderSize+4], func(b []byte) { b[6] = 4 }), 0, ErrTruncated},
 	}
