@@ -550,7 +550,9 @@ func (s *State) cancel(err, cause error) {
 	s.err, s.cause = err, cause
 	cc := s.ccCancel
 	s.mu.Unlock()
-	if cc != nil {
+	if cc != nil && err != context.DeadlineExceeded {
+		// (cc has the same deadline and ends by itself, with
+		// DeadlineExceeded as its error.)
 		cc(cause)
 	}
 }
