@@ -142,11 +142,18 @@ func TestZeroWindowDeadClient(t *testing.T) {
 				st := FromContext(r.Context())
 				// Room for the whole body in the kernel, so the handler is
 				// not blocked in a write (which would race the source to
-				// name the reason) when the client vanishes.
+				// name the reason) when the client vanishes. The body fits
+				// the send buffer the kernel really gave (net.core.wmem_max
+				// caps it: 212992 by default) and is still far more than
+				// the client's 32 KiB window.
+				sndbuf := 1 << 20
 				_ = st.c.raw.Control(func(fd uintptr) {
 					_ = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF, 4<<20)
+					if n, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_SNDBUF); err == nil {
+						sndbuf = n // twice what was granted, bookkeeping included
+					}
 				})
-				w.Write(make([]byte, 1<<20))
+				w.Write(make([]byte, min(1<<20, sndbuf/4)))
 				w.(http.Flusher).Flush()
 				conns <- st.c
 				select {
