@@ -32,12 +32,24 @@ func (s *Buffer) String() string {
 	return s.b.String()
 }
 
+// HangupdEnv names an environment variable holding the path of a prebuilt
+// hangupd. BuildHangupd returns it instead of building, for test binaries
+// that run where there is no go tool (the kernel VMs of make test-kernels).
+const HangupdEnv = "HANGUP_HANGUPD"
+
 // BuildHangupd builds the agent binary from cmd/hangupd into a directory
 // that every user may read and traverse (the go tool's own build
 // directories are 0700), removed when the test ends, and returns its path.
-// The go build cache makes repeated builds cheap.
+// The go build cache makes repeated builds cheap. When HangupdEnv is set it
+// returns that path, after checking that the file is there.
 func BuildHangupd(t testing.TB) string {
 	t.Helper()
+	if bin := os.Getenv(HangupdEnv); bin != "" {
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("%s: %v", HangupdEnv, err)
+		}
+		return bin
+	}
 	dir, err := os.MkdirTemp("", "hangupd-bin")
 	if err != nil {
 		t.Fatal(err)
