@@ -33,6 +33,11 @@ ip link set lo up
 
 # Each line of /tests/list: package name, then the test binary's flags.
 . /tests/env
+# Sysctls asked for by HANGUP_KERNEL_SYSCTLS (none by default: the tests
+# run at the kernel's defaults).
+for kv in $HANGUP_VM_SYSCTLS; do
+	sysctl -w "$kv" >"$out" 2>&1 || say "HANGUP-ERROR sysctl $kv"
+done
 while read -r pkg flags; do
 	[ -n "$pkg" ] || continue
 	say "HANGUP-BEGIN $pkg"

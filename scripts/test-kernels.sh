@@ -10,9 +10,13 @@
 #                         kernel image or meta-package (pkg, pkg/suite or
 #                         pkg=version), or "host" for the running kernel's
 #                         Debian package. Default: see default_kernels.
-#   HANGUP_KERNEL_TESTS   Go packages whose tests run in each VM (default bpf).
+#   HANGUP_KERNEL_TESTS   Go packages whose tests run in each VM (default
+#                         "bpf agent httpx").
 #   HANGUP_KERNEL_FLAGS   extra flags for every test binary, e.g.
 #                         '-test.run=TestLinkCut'.
+#   HANGUP_KERNEL_SYSCTLS sysctls the VM sets before the tests, e.g.
+#                         'net.core.wmem_max=4194304' (default none: the
+#                         tests must pass at a kernel's defaults).
 #   HANGUP_KERNEL_BUDGET  seconds one kernel may take, boot to power-off
 #                         (default 600); the VM is stopped after that.
 #   HANGUP_KERNEL_CACHE   the cache (default /var/cache/hangup-kernels as
@@ -26,7 +30,7 @@ repo=$PWD
 
 default_kernels="linux-image-cloud-amd64 linux-image-cloud-amd64/bookworm-backports host"
 read -r -a kernels <<<"${HANGUP_KERNELS:-$default_kernels}"
-read -r -a packages <<<"${HANGUP_KERNEL_TESTS:-bpf}"
+read -r -a packages <<<"${HANGUP_KERNEL_TESTS:-bpf agent httpx}"
 budget=${HANGUP_KERNEL_BUDGET:-600}
 cpus=${HANGUP_KERNEL_CPUS:-2}
 mem=${HANGUP_KERNEL_MEM:-2048}
@@ -144,7 +148,8 @@ for pkg in "${packages[@]}"; do
 	[[ -d $pkg/testdata ]] && cp -r "$pkg/testdata" "$common/tests/$name/"
 	echo "$name -test.v -test.count=1 -test.timeout=$((budget - 30))s ${HANGUP_KERNEL_FLAGS:-}" >>"$common/tests/list"
 done
-printf 'export HANGUP_REQUIRE_BPF=1\nexport HANGUP_HANGUPD=/usr/sbin/hangupd\n' >"$common/tests/env"
+printf 'export HANGUP_REQUIRE_BPF=1\nexport HANGUP_HANGUPD=/usr/sbin/hangupd\nHANGUP_VM_SYSCTLS="%s"\n' \
+	"${HANGUP_KERNEL_SYSCTLS:-}" >"$common/tests/env"
 (cd "$common" && find . | cpio -o -H newc --quiet) >"$work/common.cpio"
 
 # Acceleration: KVM when it runs a guest here, else TCG (slower, always
