@@ -219,7 +219,7 @@ boot() {
 # summarize LABEL KVER LOGS QEMU_RC SECONDS: the kernel's result line.
 summarize() {
 	local label=$1 kver=$2 logs=$3 rc=$4 secs=$5 txt=$3/tests.txt verdict=PASS
-	local pass fail skip detail="" pkgline
+	local pass fail skip detail="" pkgline code
 	pass=$(grep -c '^--- PASS' "$txt" || true)
 	fail=$(grep -c '^--- FAIL' "$txt" || true)
 	skip=$(grep -c '^--- SKIP' "$txt" || true)
@@ -229,7 +229,8 @@ summarize() {
 		if [[ -z $pkgline ]]; then
 			verdict=FAIL detail+=" $pkg:unfinished"
 		elif [[ $pkgline != *" rc=0 "* ]]; then
-			verdict=FAIL detail+=" $pkg:rc=${pkgline#* rc=}" detail=${detail% seconds=*}
+			code=${pkgline#* rc=} code=${code%% *}
+			verdict=FAIL detail+=" $pkg:rc=$code"
 		fi
 	done
 	((fail == 0)) || verdict=FAIL
