@@ -11,7 +11,7 @@
 #                         pkg=version), or "host" for the running kernel's
 #                         Debian package. Default: see default_kernels.
 #   HANGUP_KERNEL_TESTS   Go packages whose tests run in each VM (default
-#                         "bpf agent httpx").
+#                         "bpf agent httpx internal/e2e").
 #   HANGUP_KERNEL_FLAGS   extra flags for every test binary, e.g.
 #                         '-test.run=TestLinkCut'.
 #   HANGUP_KERNEL_SYSCTLS sysctls the VM sets before the tests, e.g.
@@ -30,7 +30,7 @@ repo=$PWD
 
 default_kernels="linux-image-cloud-amd64 linux-image-cloud-amd64/bookworm-backports host"
 read -r -a kernels <<<"${HANGUP_KERNELS:-$default_kernels}"
-read -r -a packages <<<"${HANGUP_KERNEL_TESTS:-bpf agent httpx}"
+read -r -a packages <<<"${HANGUP_KERNEL_TESTS:-bpf agent httpx internal/e2e}"
 budget=${HANGUP_KERNEL_BUDGET:-600}
 cpus=${HANGUP_KERNEL_CPUS:-2}
 mem=${HANGUP_KERNEL_MEM:-2048}
@@ -49,7 +49,7 @@ log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
 
 ./scripts/ensure-debs.sh qemu-system-x86_64:qemu-system-x86 /bin/busybox:busybox-static cpio:cpio \
-	depmod:kmod ip:iproute2 nft:nftables nstat:iproute2 promtool:prometheus
+	depmod:kmod ip:iproute2 nft:nftables nstat:iproute2 promtool:prometheus setpriv:util-linux
 
 # A private apt configuration over Debian's archive: bookworm with its
 # security updates and backports (6.12). The machine's own sources are
@@ -131,7 +131,7 @@ copy_tool() { # copy_tool PATH: a host program and its shared libraries
 		cp -Ln "$lib" "$common$lib"
 	done
 }
-for tool in ip nft nstat promtool; do copy_tool "$tool"; done
+for tool in ip nft nstat promtool setpriv; do copy_tool "$tool"; done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n' >"$common/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' >"$common/etc/group"
 printf '127.0.0.1 localhost\n::1 localhost\n' >"$common/etc/hosts"
