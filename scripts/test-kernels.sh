@@ -110,12 +110,12 @@ fetch() {
 }
 
 # The part of the initramfs every kernel shares: busybox, ip/nft/nstat/
-# promtool with their libraries, the test binaries and a static hangupd.
+# promtool/setpriv with their libraries, the test binaries and a static hangupd.
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 common=$work/common
-mkdir -p "$common"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,tests,lib/modules}
-ln -s ../run "$common/var" 2>/dev/null || { mkdir -p "$common/var" && ln -s ../run "$common/var/run"; }
+mkdir -p "$common"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,tests,lib/modules,var}
+ln -s ../run "$common/var/run"
 cp /bin/busybox "$common/bin/"
 for app in $(/bin/busybox --list); do
 	[[ -e $common/bin/$app ]] || ln -s busybox "$common/bin/$app"
