@@ -11,7 +11,6 @@ GEN_DEBS  := clang llvm libbpf-dev
 
 .DEFAULT_GOAL := help
 .PHONY: help run build test bench generate check-generated lint fuzz deps deps-generate clean
-.PHONY: test-kernels
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -25,9 +24,6 @@ run: build ## build and run the agent (as root): metrics on :9808, socket /run/h
 test: deps ## run every test, the privileged ones too (as root); HANGUP_REQUIRE_BPF=1 turns their skips into failures
 	$(GO) test -race -count=1 -timeout 20m ./...
 	@if [ -f examples/orders/go.mod ]; then cd examples/orders && $(GO) test -race -count=1 -timeout 10m ./...; fi
-
-test-kernels: ## boot Debian's 6.1 and 6.12 kernels in QEMU and run the privileged tests inside, one line per kernel (root; docs/kernels.md)
-	./scripts/test-kernels.sh
 
 bench: ## run the benchmarks (compare ratios against the baselines in the same run)
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 ./...
@@ -48,6 +44,10 @@ lint: ## gofmt, go vet, tidy go.mod, and the rule that only bpf/ imports cilium/
 
 fuzz: ## fuzz the agent protocol's frame decoder for a minute
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./internal/wire/
+
+.PHONY: test-kernels
+test-kernels: ## boot Debian's 6.1 and 6.12 kernels in QEMU and run the privileged tests inside, one line per kernel (root; docs/kernel-matrix.md)
+	./scripts/test-kernels.sh
 
 deps: ## install what the tests need from Debian's packages, if missing (root)
 	@./scripts/ensure-debs.sh ip:iproute2 nft:nftables promtool:prometheus nstat:iproute2

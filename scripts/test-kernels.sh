@@ -2,7 +2,7 @@
 # test-kernels.sh: boots each kernel of a list in QEMU and runs the
 # privileged tests inside with HANGUP_REQUIRE_BPF=1, one kernel at a time.
 # Prints one result line per kernel and exits non-zero if any kernel fails.
-# See docs/kernels.md.
+# See docs/kernel-matrix.md.
 #
 # Kernels come from Debian's archive through apt only, into a cache kept
 # between runs. Settings (environment):
