@@ -31,19 +31,20 @@ while read -r mod; do
 done </modules.list
 ip link set lo up
 
-# Each line of /tests/list: package name, then the test binary's flags.
+# Each line of /tests/list: package name, its directory (where the binary
+# runs), then the test binary's flags.
 . /tests/env
 # Sysctls asked for by HANGUP_KERNEL_SYSCTLS (none by default: the tests
 # run at the kernel's defaults).
 for kv in $HANGUP_VM_SYSCTLS; do
 	sysctl -w "$kv" >"$out" 2>&1 || say "HANGUP-ERROR sysctl $kv"
 done
-while read -r pkg flags; do
+while read -r pkg dir flags; do
 	[ -n "$pkg" ] || continue
 	say "HANGUP-BEGIN $pkg"
 	start=$(cut -d. -f1 /proc/uptime)
 	# shellcheck disable=SC2086 # flags are words on purpose
-	(cd "/tests/$pkg" && "./$pkg.test" $flags) >"$out" 2>&1
+	(cd "$dir" && "/tests/$pkg.test" $flags) >"$out" 2>&1
 	rc=$?
 	say "HANGUP-END $pkg rc=$rc seconds=$(($(cut -d. -f1 /proc/uptime) - start))"
 done </tests/list

@@ -40,10 +40,11 @@ else cache=${XDG_CACHE_HOME:-$HOME/.cache}/hangup-kernels
 fi
 out=${HANGUP_KERNEL_OUT:-bin/test-kernels}
 [[ $out == /* ]] || out=$repo/$out
-# Modules the tests load: veth for testnet's pairs, nf_tables for Pair.Cut,
-# inet_diag/tcp_diag for the agent's sock_diag seeding. Dependencies are
+# Modules the tests load: veth for testnet's pairs, nf_tables for Pair.Cut
+# (nft_numgen for a lossy link: a test using another nft expression adds its
+# module here; the guest loads nothing on demand), inet_diag/tcp_diag for the agent's sock_diag seeding. Dependencies are
 # resolved from each kernel's own modules.dep.
-modules=(veth nf_tables inet_diag tcp_diag)
+modules=(veth nf_tables nft_numgen inet_diag tcp_diag)
 
 log() { echo "test-kernels: $*" >&2; }
 die() { log "$*"; exit 2; }
@@ -143,11 +144,17 @@ go build -o "$common/usr/sbin/hangupd" ./cmd/hangupd
 : >"$common/tests/list"
 for pkg in "${packages[@]}"; do
 	name=$(basename "$pkg")
-	mkdir -p "$common/tests/$name"
-	go test -c -o "$common/tests/$name/$name.test" "./$pkg"
-	[[ -d $pkg/testdata ]] && cp -r "$pkg/testdata" "$common/tests/$name/"
-	echo "$name -test.v -test.count=1 -test.timeout=$((budget - 30))s ${HANGUP_KERNEL_FLAGS:-}" >>"$common/tests/list"
+	go test -c -o "$common/tests/$name.test" "./$pkg"
+	echo "$name /repo/$pkg -test.v -test.count=1 -test.timeout=$((budget - 30))s ${HANGUP_KERNEL_FLAGS:-}" >>"$common/tests/list"
 done
+# The repository's files, for tests that read them (testdata, ../docs):
+# each test binary runs in its package's directory under /repo.
+mkdir -p "$common/repo"
+if git rev-parse --git-dir >/dev/null 2>&1; then
+	git ls-files -z --cached --others --exclude-standard | cpio -0pdm --quiet "$common/repo" 2>/dev/null || true
+else
+	tar --exclude=./bin -cf - . | tar -xf - -C "$common/repo"
+fi
 printf 'export HANGUP_REQUIRE_BPF=1\nexport HANGUP_HANGUPD=/usr/sbin/hangupd\nHANGUP_VM_SYSCTLS="%s"\n' \
 	"${HANGUP_KERNEL_SYSCTLS:-}" >"$common/tests/env"
 (cd "$common" && find . | cpio -o -H newc --quiet) >"$work/common.cpio"
