@@ -33,15 +33,15 @@ func (s *Buffer) String() string {
 }
 
 // HangupdEnv names an environment variable holding the path of a prebuilt
-// hangupd. BuildHangupd returns it instead of building, for test binaries
-// that run where there is no go tool (the kernel VMs of make test-kernels).
+// hangupd. When it is set, BuildHangupd checks that the file is there and
+// returns its path instead of building, for test binaries that run where
+// there is no go tool (the kernel VMs of make test-kernels).
 const HangupdEnv = "HANGUP_HANGUPD"
 
 // BuildHangupd builds the agent binary from cmd/hangupd into a directory
 // that every user may read and traverse (the go tool's own build
 // directories are 0700), removed when the test ends, and returns its path.
-// The go build cache makes repeated builds cheap. When HangupdEnv is set it
-// returns that path, after checking that the file is there.
+// The go build cache makes repeated builds cheap.
 func BuildHangupd(t testing.TB) string {
 	t.Helper()
 	if bin := os.Getenv(HangupdEnv); bin != "" {
