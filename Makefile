@@ -49,6 +49,10 @@ lint: ## gofmt, go vet, tidy go.mod, and the rule that only bpf/ imports cilium/
 fuzz: ## fuzz the agent protocol's frame decoder for a minute
 	$(GO) test -run '^$$' -fuzz FuzzDecode -fuzztime 60s ./internal/wire/
 
+.PHONY: test-kernels
+test-kernels: ## boot Debian's 6.1 and 6.12 kernels in QEMU and run the privileged tests inside, one line per kernel (root; docs/kernel-matrix.md)
+	./scripts/test-kernels.sh
+
 deps: ## install what the tests need from Debian's packages, if missing (root)
 	@./scripts/ensure-debs.sh ip:iproute2 nft:nftables promtool:prometheus nstat:iproute2
 

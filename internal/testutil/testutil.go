@@ -32,12 +32,24 @@ func (s *Buffer) String() string {
 	return s.b.String()
 }
 
+// HangupdEnv names an environment variable holding the path of a prebuilt
+// hangupd. When it is set, BuildHangupd checks that the file is there and
+// returns its path instead of building, for test binaries that run where
+// there is no go tool (the kernel VMs of make test-kernels).
+const HangupdEnv = "HANGUP_HANGUPD"
+
 // BuildHangupd builds the agent binary from cmd/hangupd into a directory
 // that every user may read and traverse (the go tool's own build
 // directories are 0700), removed when the test ends, and returns its path.
 // The go build cache makes repeated builds cheap. It builds without cgo.
 func BuildHangupd(t testing.TB) string {
 	t.Helper()
+	if bin := os.Getenv(HangupdEnv); bin != "" {
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("%s: %v", HangupdEnv, err)
+		}
+		return bin
+	}
 	dir, err := os.MkdirTemp("", "hangupd-bin")
 	if err != nil {
 		t.Fatal(err)
