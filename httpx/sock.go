@@ -152,9 +152,3 @@ func (si *sockInfo) delivered() bool {
 	i := si.info
 	return si.outq == 1 && i.Notsent_bytes == 0 && i.Bytes_acked >= i.Bytes_sent-i.Bytes_retrans
 }
-
-// outq returns SIOCOUTQ alone, the cheap delivery check.
-func outq(fd int) (int, bool) {
-	n, err := unix.IoctlGetInt(fd, unix.SIOCOUTQ)
-	return n, err == nil
-}
