@@ -152,7 +152,6 @@ func (s *subscriber) serve() string {
 		switch f.Type {
 		case wire.TypeRegister:
 			s.register(f.Register.Request, fd)
-			closeFD(fd)
 		case wire.TypeStatusRequest:
 			s.status()
 		case wire.TypeWatch:
@@ -222,25 +221,38 @@ func (s *subscriber) replyError(code uint16, req uint32, msg string) {
 // register checks a listening socket's descriptor and routes its events to
 // this subscriber. The descriptor is closed by the caller: the agent needs
 // it only to learn what it is, and holding it would keep the socket open.
+// register handles a Register request for the listening socket fd, which
+// it closes before it answers: a client that has its answer may close its
+// own copy and count on the socket being gone from the host.
 func (s *subscriber) register(req uint32, fd int) {
+	l, code, err := s.addListener(fd)
+	closeFD(fd)
+	switch {
+	case l != nil:
+		s.replyRegistered(req, l)
+	case code != 0:
+		s.log.Warn("refusing listener", "err", err)
+		s.replyError(code, req, err.Error())
+	}
+}
+
+// addListener routes the listening socket fd to s. It returns the route,
+// or the code and error to refuse it with, or neither when the session
+// ended while it waited.
+func (s *subscriber) addListener(fd int) (*listener, uint16, error) {
 	start := monoNow() // before anything looks at the socket
 	s.mu.Lock()
 	n := len(s.listeners)
 	s.mu.Unlock()
 	if n >= s.a.cfg.MaxListeners {
-		s.log.Warn("refusing listener", "err", "listener limit reached", "limit", s.a.cfg.MaxListeners)
-		s.replyError(wire.CodeLimit, req, fmt.Sprintf("too many listeners (limit %d)", s.a.cfg.MaxListeners))
-		return
+		return nil, wire.CodeLimit, fmt.Errorf("too many listeners (limit %d)", s.a.cfg.MaxListeners)
 	}
 	info, err := inspectListener(fd)
 	if err != nil {
-		s.log.Warn("refusing listener", "err", err)
-		code := wire.CodeInternal
 		if errors.Is(err, errNotListener) {
-			code = wire.CodeNotListener
+			return nil, wire.CodeNotListener, err
 		}
-		s.replyError(code, req, err.Error())
-		return
+		return nil, wire.CodeInternal, err
 	}
 	// The same listener again (a retry, or a second Register of one
 	// socket): answer with the route it already has, so that no event is
@@ -249,15 +261,12 @@ func (s *subscriber) register(req uint32, fd int) {
 	for _, l := range s.listeners {
 		if l.info.cookie == info.cookie {
 			s.mu.Unlock()
-			s.replyRegistered(req, l)
-			return
+			return l, 0, nil
 		}
 	}
 	s.mu.Unlock()
 	if err := s.a.reserveListener(s.cred.Uid); err != nil {
-		s.log.Warn("refusing listener", "err", err)
-		s.replyError(wire.CodeLimit, req, err.Error())
-		return
+		return nil, wire.CodeLimit, err
 	}
 	// Connections accepted before this agent started (an agent restart)
 	// must be tracked before the answer, so that a client that has its
@@ -266,10 +275,9 @@ func (s *subscriber) register(req uint32, fd int) {
 		if err := s.a.takeSeed(s.cred.Uid, s.done); err != nil {
 			s.a.releaseListeners(s.cred.Uid, 1)
 			if errors.Is(err, errSeedBudget) {
-				s.log.Warn("refusing listener", "err", err)
-				s.replyError(wire.CodeLimit, req, err.Error())
+				return nil, wire.CodeLimit, err
 			}
-			return
+			return nil, 0, err
 		}
 		if n, err := s.a.seedListener(fd, info); err != nil {
 			s.log.Warn("seeding the listener's existing connections", "err", err, "addr", info.addr)
@@ -280,12 +288,10 @@ func (s *subscriber) register(req uint32, fd int) {
 	l := s.a.routes.addLive(s, info, start, func() bool { return stillListening(fd) })
 	if l == nil {
 		s.a.releaseListeners(s.cred.Uid, 1)
-		s.log.Warn("refusing listener", "err", "it closed while being registered", "addr", info.addr)
-		s.replyError(wire.CodeNotListener, req, "the listener closed while it was being registered")
-		return
+		return nil, wire.CodeNotListener, errors.New("the listener closed while it was being registered")
 	}
 	s.log.Info("listener registered", "listener", l.id, "addr", info.addr, "netns", info.netns)
-	s.replyRegistered(req, l)
+	return l, 0, nil
 }
 
 func (s *subscriber) replyRegistered(req uint32, l *listener) {
