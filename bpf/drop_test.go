@@ -49,6 +49,13 @@ func TestSilentDropsOnBusyHost(t *testing.T) {
 				t.Fatal(err)
 			}
 			testnet.SetUserTimeout(t, c.server, time.Second)
+			// The same skip can lose a passive open (on_open nested in
+			// its own run in process context): consumers track what
+			// they depend on, as httpx does for a long request, and so
+			// does this test. What it checks is the deaths.
+			if err := e.probe.Track(c.cookie, uint16(ln.Addr().(*net.TCPAddr).Port)); err != nil {
+				t.Fatal(err)
+			}
 			if _, err := c.client.Write(make([]byte, 16<<10)); err != nil {
 				t.Fatal(err)
 			}

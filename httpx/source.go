@@ -149,4 +149,26 @@ func (s *cookieSource) watch(c *conn) error {
 }
 
 func (s *cookieSource) unwatch(*conn) {}
+
+// longLived makes sure the source tracks c, whose request outlived the
+// drop-tuning threshold: a silent drop is what a lost open would hide.
+func (s *cookieSource) longLived(c *conn) {
+	t, ok := s.src.(detect.Tracker)
+	if !ok || c.cookie == 0 {
+		return
+	}
+	a, ok := c.nc.LocalAddr().(*net.TCPAddr)
+	if !ok {
+		return
+	}
+	if err := t.Track(c.cookie, uint16(a.Port)); err != nil {
+		c.m.log.Debug("tracking a long-lived connection", "err", err)
+	}
+}
+
+// longLivedWatcher is a source that wants to hear of each connection whose
+// request outlived the drop-tuning threshold, once.
+type longLivedWatcher interface {
+	longLived(c *conn)
+}
 func (s *cookieSource) close() error  { return s.src.Close() }

@@ -73,6 +73,11 @@ func (s *source) WatchPort(netnsCookie uint64, port uint16) error {
 	return s.probe.Watch(netnsCookie, port)
 }
 
+// Track implements detect.Tracker.
+func (s *source) Track(cookie uint64, port uint16) error {
+	return s.probe.Track(cookie, port)
+}
+
 func (s *source) Close() error {
 	err := s.probe.Close()
 	<-s.done

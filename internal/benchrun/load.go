@@ -25,8 +25,34 @@ const (
 // wrkResult is what one wrk run reports.
 type wrkResult struct {
 	rps      float64
-	requests float64 // completed requests (each a connection, with Connection: close)
-	errors   int     // socket errors and non-2xx responses
+	requests float64       // completed requests (each a connection, with Connection: close)
+	errors   int           // socket errors and non-2xx responses
+	cpu      time.Duration // the server's utime+stime over the run
+}
+
+// cpuPerRequest is the server's CPU time per completed request, in µs.
+func (r wrkResult) cpuPerRequest() float64 {
+	if r.requests == 0 {
+		return 0
+	}
+	return r.cpu.Seconds() * 1e6 / r.requests
+}
+
+// loadServer runs wrk against s and also reads, from /proc, the CPU time
+// s spent over the run: unlike throughput, that does not depend on how the
+// scheduler shares a CPU between two servers.
+func loadServer(ctx context.Context, cfg *config, s *server, d time.Duration, closeConns bool) (wrkResult, error) {
+	c0, err := agentproc.ProcessCPU(s.pid())
+	if err != nil {
+		return wrkResult{}, err
+	}
+	r, err := runWrk(ctx, cfg, s.url(), d, closeConns)
+	if err != nil {
+		return r, err
+	}
+	c1, err := agentproc.ProcessCPU(s.pid())
+	r.cpu = c1 - c0
+	return r, err
 }
 
 var (
@@ -95,10 +121,10 @@ func abRun(ctx context.Context, cfg *config, rep int, a, b *server, d time.Durat
 	if rep%2 == 1 {
 		first, second, fs, ss = second, first, b, a
 	}
-	if *first, err = runWrk(ctx, cfg, fs.url(), d, closeConns); err != nil {
+	if *first, err = loadServer(ctx, cfg, fs, d, closeConns); err != nil {
 		return ra, rb, err
 	}
-	*second, err = runWrk(ctx, cfg, ss.url(), d, closeConns)
+	*second, err = loadServer(ctx, cfg, ss, d, closeConns)
 	return ra, rb, err
 }
 
@@ -108,8 +134,8 @@ func pairedRun(ctx context.Context, cfg *config, a, b *server, d time.Duration, 
 	var wg sync.WaitGroup
 	var errA, errB error
 	wg.Add(2)
-	go func() { defer wg.Done(); ra, errA = runWrk(ctx, cfg, a.url(), d, closeConns) }()
-	go func() { defer wg.Done(); rb, errB = runWrk(ctx, cfg, b.url(), d, closeConns) }()
+	go func() { defer wg.Done(); ra, errA = loadServer(ctx, cfg, a, d, closeConns) }()
+	go func() { defer wg.Done(); rb, errB = loadServer(ctx, cfg, b, d, closeConns) }()
 	wg.Wait()
 	if errA != nil {
 		return ra, rb, errA
@@ -163,6 +189,15 @@ func measureLoad(ctx context.Context, cfg *config, b *build, rep *report) error 
 	return nil
 }
 
+// cpuMeasure names the CPU-per-request row that goes with a throughput
+// measure.
+func cpuMeasure(measure string) string {
+	if measure == measureKeepAlive {
+		return "keep-alive CPU per request, bare ÷ httpx"
+	}
+	return "`Connection: close` CPU per request, bare ÷ httpx"
+}
+
 func loadTarget(measure string) string {
 	if measure == measureKeepAlive {
 		return "≥ 0.97×"
@@ -178,6 +213,9 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 	}
 	ratios := map[bool][]float64{}
 	bareRPS := map[bool][]float64{}
+	// CPU per request: the ratio bare/httpx (what throughput would be
+	// on a CPU-bound server) and the difference in µs.
+	cpuRatios, cpuAdded, bareCPU := map[bool][]float64{}, map[bool][]float64{}, map[bool][]float64{}
 	errs := map[bool]int{}
 	for i := range cfg.reps {
 		for _, closeConns := range []bool{false, true} {
@@ -190,9 +228,15 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 			}
 			ratios[closeConns] = append(ratios[closeConns], rh.rps/rb.rps)
 			bareRPS[closeConns] = append(bareRPS[closeConns], rb.rps)
+			if cb, ch := rb.cpuPerRequest(), rh.cpuPerRequest(); cb > 0 && ch > 0 {
+				cpuRatios[closeConns] = append(cpuRatios[closeConns], cb/ch)
+				cpuAdded[closeConns] = append(cpuAdded[closeConns], ch-cb)
+				bareCPU[closeConns] = append(bareCPU[closeConns], cb)
+			}
 			errs[closeConns] += rb.errors + rh.errors
 			slog.Info("load run", "method", cfg.method, "source", src, "rep", i+1, "close", closeConns,
-				"bare_rps", int(rb.rps), "httpx_rps", int(rh.rps), "ratio", fmt.Sprintf("%.3f", rh.rps/rb.rps))
+				"bare_rps", int(rb.rps), "httpx_rps", int(rh.rps), "ratio", fmt.Sprintf("%.3f", rh.rps/rb.rps),
+				"bare_cpu_us", fmt.Sprintf("%.2f", rb.cpuPerRequest()), "httpx_cpu_us", fmt.Sprintf("%.2f", rh.cpuPerRequest()))
 		}
 	}
 	for _, closeConns := range []bool{false, true} {
@@ -214,6 +258,15 @@ func loadPair(ctx context.Context, cfg *config, bs, hs *server, agent *agentproc
 			row.Note += fmt.Sprintf("; %d wrk errors", errs[closeConns])
 		}
 		rep.add(row)
+		if len(cpuRatios[closeConns]) > 0 {
+			cs, add, base := summarize(cpuRatios[closeConns]), summarize(cpuAdded[closeConns]), summarize(bareCPU[closeConns])
+			rep.add(Row{Measure: cpuMeasure(m), Case: src, Target: loadTarget(m), Unit: "×", Stats: &cs,
+				Values:  map[string]float64{"added_us_median": add.Median, "bare_us_median": base.Median},
+				Value:   fmt.Sprintf("%.2f× (%.2f–%.2f), %+.2f µs per request", cs.Median, cs.Min, cs.Max, add.Median),
+				Verdict: verdict(cs.Median >= target),
+				Note: fmt.Sprintf("the same %d %s pairs: the server's utime+stime (/proc, 10 ms ticks) per request served, "+
+					"bare ÷ httpx (the throughput a CPU-bound server keeps); bare median %.2f µs per request", cs.N, cfg.method, base.Median)})
+		}
 	}
 	if agent != nil {
 		return agentCPU(ctx, cfg, hs, agent, rep)

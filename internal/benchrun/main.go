@@ -57,7 +57,7 @@ func run() error {
 	flag.StringVar(&cfg.jsonOut, "json", "docs/benchmarks.json", "the JSON results to write")
 	flag.IntVar(&cfg.reps, "reps", 5, "repetitions of every paired load run")
 	flag.DurationVar(&cfg.duration, "duration", 5*time.Second, "length of one load run")
-	flag.StringVar(&cfg.method, "method", methodPaired, "load runs: paired (both servers at once on the same CPU) or interleaved (one at a time, A B B A ...)")
+	flag.StringVar(&cfg.method, "method", methodInterleaved, "load runs: paired (both servers at once on the same CPU) or interleaved (one at a time, A B B A ...)")
 	flag.IntVar(&cfg.conns, "conns", 32, "wrk connections per server")
 	flag.IntVar(&cfg.syscallConns, "syscall-conns", 2000, "closed connections traced for the syscall count")
 	flag.IntVar(&cfg.count, "count", 5, "repetitions (-count) of the go benchmarks")

@@ -149,7 +149,7 @@ func describeMachine() Machine {
 }
 
 // measureOrder is the order of the Targets table.
-var measureOrder = []string{measureKeepAlive, measureClose, measureOverhead, measureSyscallsName, measureFeature,
+var measureOrder = []string{measureKeepAlive, cpuMeasure(measureKeepAlive), measureClose, cpuMeasure(measureClose), measureOverhead, measureSyscallsName, measureFeature,
 	measureDetect, measureAgentCPU, measureDrop, measureChurn, measureBinary}
 
 func (r *report) write(mdPath, jsonPath string) error {

@@ -40,6 +40,17 @@ type Source interface {
 	Close() error
 }
 
+// Tracker is a Source that can be told of a connection it may have missed.
+// The kernel skips a probe run that would nest in another run of the same
+// program on a CPU, so a passive open is, rarely, never seen; httpx tells
+// the source of each connection whose request lives long enough to need
+// drop detection (a cost per long request, not per connection).
+type Tracker interface {
+	// Track makes sure the connection with this socket cookie, accepted
+	// on local port port, is tracked; tracking it twice is no error.
+	Track(cookie uint64, port uint16) error
+}
+
 // BPFOptions configures the in-process probe (see bpf.Options).
 type BPFOptions struct {
 	RingBufferSize int
