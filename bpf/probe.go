@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -74,7 +75,13 @@ type Probe struct {
 	links []link.Link
 	rd    *ringbuf.Reader
 	rec   ringbuf.Record
-	clock wallClock
+	// wake is the ring buffer's descriptor (a dup) in Go's network
+	// poller: a reader waits there for the kernel's wakeup without holding
+	// a thread in epoll_wait (see waitData).
+	wake    *os.File
+	wakeRC  syscall.RawConn
+	closing atomic.Bool // Close began
+	clock   wallClock
 
 	flush    time.Duration
 	watching bool         // Watch is meaningful: WatchedOnly or WakeWatchedOnly
@@ -184,6 +191,9 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 
 	p.rd, err = ringbuf.NewReader(p.maps.Events)
 	if err != nil {
+		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
+	}
+	if p.wake, p.wakeRC, err = pollable(p.maps.Events.FD()); err != nil {
 		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
 	}
 	p.clock.refresh()
@@ -385,33 +395,100 @@ func (p *Probe) Read() (Event, error) {
 // ReadInto is Read without allocating: it decodes the next event into e.
 func (p *Probe) ReadInto(e *Event) error {
 	for {
-		// Routine events do not wake the reader (see probe.c): wait at
-		// most one flush interval, then look again.
-		wait := time.Now().Add(p.flush)
-		user := p.deadline.Load()
-		if user != 0 && user < wait.UnixNano() {
-			wait = time.Unix(0, user)
-		}
-		p.rd.SetDeadline(wait)
+		// Whatever the ring holds, without waiting: the reader's own
+		// epoll_wait then has a zero timeout.
+		p.rd.SetDeadline(pastDeadline)
 		err := p.rd.ReadInto(&p.rec)
 		switch {
 		case err == nil:
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			if user := p.deadline.Load(); user != 0 && time.Now().UnixNano() >= user {
-				return fmt.Errorf("reading ring buffer: %w", err)
+			if err := DecodeEvent(p.rec.RawSample, e); err != nil {
+				return err
 			}
-			continue
-		case errors.Is(err, ringbuf.ErrClosed):
+			e.Time = p.clock.wall(e.Mono)
+			return nil
+		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
 			return ErrClosed
-		default:
+		case !errors.Is(err, os.ErrDeadlineExceeded):
 			return fmt.Errorf("reading ring buffer: %w", err)
 		}
-		if err := DecodeEvent(p.rec.RawSample, e); err != nil {
+		if err := p.waitData(); err != nil {
 			return err
 		}
-		e.Time = p.clock.wall(e.Mono)
-		return nil
 	}
+}
+
+// pastDeadline makes the ring buffer reader return at once when the ring
+// is empty.
+var pastDeadline = time.Unix(1, 0)
+
+// waitData waits until the ring may hold data: the kernel woke its readers,
+// a flush interval passed (routine events do not wake the reader, see
+// probe.c), or the caller's deadline passed (then it returns an error
+// matching os.ErrDeadlineExceeded).
+//
+// It waits in Go's network poller, not in a blocking epoll_wait: a thread
+// blocked in a system call keeps its P until sysmon takes it back (20 µs to
+// 10 ms later), so a reader that woke every flush interval would stall a
+// GOMAXPROCS=1 server that often, and sysmon, reset each time, would never
+// back off (measured: half the keep-alive throughput of an httpx server).
+func (p *Probe) waitData() error {
+	wait := time.Now().Add(p.flush)
+	if user := p.deadline.Load(); user != 0 {
+		if time.Now().UnixNano() >= user {
+			return fmt.Errorf("reading ring buffer: %w", os.ErrDeadlineExceeded)
+		}
+		if user < wait.UnixNano() {
+			wait = time.Unix(0, user)
+		}
+	}
+	if err := p.wake.SetReadDeadline(wait); err != nil {
+		return p.wakeError(err)
+	}
+	// The ring was just found empty: wait for the next wakeup. One that
+	// came meanwhile is latched by the poller and ends the wait at once
+	// (as may one already handled: the caller then looks again).
+	waited := false
+	err := p.wakeRC.Read(func(uintptr) bool {
+		if waited {
+			return true
+		}
+		waited = true
+		return false
+	})
+	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+		return p.wakeError(err)
+	}
+	return nil
+}
+
+func (p *Probe) wakeError(err error) error {
+	// A closed os.File's raw read says "use of closed file", which
+	// matches no exported error.
+	if p.closing.Load() || errors.Is(err, os.ErrClosed) {
+		return ErrClosed
+	}
+	return fmt.Errorf("waiting for ring buffer data: %w", err)
+}
+
+// pollable returns a non-blocking duplicate of fd registered in Go's
+// network poller. A ring buffer map's descriptor polls readable when the
+// kernel wakes its readers.
+func pollable(fd int) (*os.File, syscall.RawConn, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, nil, fmt.Errorf("dup: %w", err)
+	}
+	if err := unix.SetNonblock(nfd, true); err != nil {
+		unix.Close(nfd)
+		return nil, nil, err
+	}
+	f := os.NewFile(uintptr(nfd), "ringbuf")
+	rc, err := f.SyscallConn()
+	if err != nil {
+		f.Close()
+		return nil, nil, err
+	}
+	return f, rc, nil
 }
 
 // SetDeadline makes pending and future reads return an error matching
@@ -422,7 +499,11 @@ func (p *Probe) SetDeadline(t time.Time) {
 		return
 	}
 	p.deadline.Store(t.UnixNano())
-	p.rd.SetDeadline(t) // wake a blocked read now if t is earlier
+	if p.wake != nil {
+		// Wake a blocked read, which then waits again until the
+		// earlier of t and its flush interval.
+		p.wake.SetReadDeadline(time.Now())
+	}
 }
 
 // Close detaches every hook and frees the probe's kernel objects. A blocked
@@ -430,6 +511,10 @@ func (p *Probe) SetDeadline(t time.Time) {
 func (p *Probe) Close() error {
 	p.closeOnce.Do(func() {
 		var errs []error
+		p.closing.Store(true)
+		if p.wake != nil {
+			errs = append(errs, p.wake.Close()) // wakes a blocked read
+		}
 		if p.rd != nil {
 			errs = append(errs, p.rd.Close())
 		}

@@ -237,7 +237,7 @@ func TestEpollWatchAfterClose(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	epfd := src.epfd
+	epfd := int(src.ep.Fd())
 	if err := src.close(); err != nil {
 		t.Fatal(err)
 	}

@@ -171,4 +171,5 @@ func (s *cookieSource) longLived(c *conn) {
 type longLivedWatcher interface {
 	longLived(c *conn)
 }
-func (s *cookieSource) close() error  { return s.src.Close() }
+
+func (s *cookieSource) close() error { return s.src.Close() }

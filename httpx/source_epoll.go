@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"sync"
+	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -16,20 +18,24 @@ import (
 // removes it: the kernel drops the registration when the socket's file is
 // closed, and an event whose id is no longer known is ignored. So a
 // connection costs one epoll_ctl and no extra descriptor.
+//
+// The loop waits for the set in Go's network poller (the epoll descriptor
+// polls readable when it holds events), never in a blocking epoll_wait: a
+// thread blocked in a system call keeps its P until sysmon takes it back,
+// 20 µs to 10 ms later, so on a GOMAXPROCS=1 server every event would
+// stall every request for that long.
 type epollSource struct {
-	epfd, wakefd int
-	report       func(c *conn, r Reason, at time.Time)
-	log          *slog.Logger
-	done         chan struct{}
+	ep     *os.File // the epoll set, non-blocking, in Go's poller
+	rc     syscall.RawConn
+	report func(c *conn, r Reason, at time.Time)
+	log    *slog.Logger
+	done   chan struct{}
 
 	mu     sync.Mutex
 	conns  map[uint64]*conn
 	nextID uint64
 	closed bool // close began: epfd may be closed (and its number reused)
 }
-
-// wakeID is the registration id of the eventfd that stops the loop.
-const wakeID = 0
 
 const epollEvents = unix.EPOLLRDHUP | unix.EPOLLERR | unix.EPOLLHUP | unix.EPOLLET
 
@@ -40,23 +46,21 @@ func startEpoll(report func(c *conn, r Reason, at time.Time), log *slog.Logger) 
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
 	}
-	wakefd, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
-	if err != nil {
+	if err := unix.SetNonblock(epfd, true); err != nil {
 		unix.Close(epfd)
-		return nil, fmt.Errorf("eventfd: %w", err)
+		return nil, fmt.Errorf("epoll set: %w", err)
 	}
-	ev := unix.EpollEvent{Events: unix.EPOLLIN}
-	setEpollID(&ev, wakeID)
-	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wakefd, &ev); err != nil {
-		unix.Close(epfd)
-		unix.Close(wakefd)
-		return nil, fmt.Errorf("epoll_ctl: %w", err)
+	ep := os.NewFile(uintptr(epfd), "httpx-epoll")
+	rc, err := ep.SyscallConn()
+	if err != nil {
+		ep.Close()
+		return nil, fmt.Errorf("epoll set: %w", err)
 	}
 	if report == nil {
 		report = func(c *conn, r Reason, at time.Time) { c.report(r, at) }
 	}
 	src := &epollSource{
-		epfd: epfd, wakefd: wakefd, report: report, log: log,
+		ep: ep, rc: rc, report: report, log: log,
 		done:  make(chan struct{}),
 		conns: make(map[uint64]*conn),
 	}
@@ -91,7 +95,12 @@ func (s *epollSource) watch(c *conn) error {
 	err := c.raw.Control(func(fd uintptr) {
 		ev := unix.EpollEvent{Events: epollEvents}
 		setEpollID(&ev, id)
-		cerr = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_ADD, int(fd), &ev)
+		// (Through the set's RawConn: close cannot close it meanwhile.)
+		if err := s.rc.Control(func(epfd uintptr) {
+			cerr = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_ADD, int(fd), &ev)
+		}); err != nil {
+			cerr = err
+		}
 	})
 	if err == nil {
 		err = cerr
@@ -121,7 +130,9 @@ func (s *epollSource) unwatch(c *conn) {
 	closed := s.closed
 	s.mu.Unlock()
 	if !closed {
-		_ = c.raw.Control(func(fd uintptr) { _ = unix.EpollCtl(s.epfd, unix.EPOLL_CTL_DEL, int(fd), nil) })
+		_ = c.raw.Control(func(fd uintptr) {
+			_ = s.rc.Control(func(epfd uintptr) { _ = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(fd), nil) })
+		})
 	}
 }
 
@@ -129,21 +140,36 @@ func (s *epollSource) loop() {
 	defer close(s.done)
 	events := make([]unix.EpollEvent, 64)
 	for {
-		n, err := unix.EpollWait(s.epfd, events, -1)
-		if errors.Is(err, unix.EINTR) {
+		var (
+			n    int
+			werr error
+		)
+		err := s.rc.Read(func(epfd uintptr) bool {
+			n, werr = unix.EpollWait(int(epfd), events, 0)
+			return n > 0 || werr != nil
+		})
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return
+			}
+			s.log.Error("waiting for the epoll set", "err", err)
+			time.Sleep(10 * time.Millisecond)
 			continue
 		}
-		if err != nil {
-			s.log.Error("epoll_wait", "err", err)
+		if werr == unix.EINTR {
+			continue
+		}
+		if werr != nil {
+			s.log.Error("epoll_wait", "err", werr)
 			time.Sleep(10 * time.Millisecond)
 			continue
 		}
 		now := time.Now()
 		for i := range events[:n] {
 			id := epollID(&events[i])
-			if id == wakeID {
-				return
-			}
 			s.mu.Lock()
 			c := s.conns[id]
 			s.mu.Unlock()
@@ -168,13 +194,10 @@ func (s *epollSource) close() error {
 	s.mu.Lock()
 	s.closed = true
 	s.mu.Unlock()
-	var one = [8]byte{1}
-	if _, err := unix.Write(s.wakefd, one[:]); err != nil {
-		return fmt.Errorf("waking epoll loop: %w", err)
-	}
+	err := s.ep.Close() // wakes the loop's wait
 	<-s.done
 	s.mu.Lock()
 	clear(s.conns)
 	s.mu.Unlock()
-	return errors.Join(unix.Close(s.epfd), unix.Close(s.wakefd))
+	return err
 }
