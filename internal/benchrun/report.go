@@ -244,7 +244,9 @@ func cell(s string) string {
 const methods = `- **Throughput** (section load): internal/benchrun/server, built once, runs as ` + "`--mode=bare`" + ` and as
   ` + "`--mode=httpx --source=S`" + ` side by side; one wrk each (` + "`-t1`" + `, keep-alive, then ` + "`-H 'Connection: close'`" + `),
   started together (paired) or one after the other (interleaved), each repetition running both modes;
-  ratio = httpx req/s ÷ bare req/s of the same pair. For the
+  ratio = httpx req/s ÷ bare req/s of the same pair. The CPU rows read each server's utime+stime
+  from /proc around its own wrk run: µs per request, bare ÷ httpx (what a CPU-bound server keeps),
+  which does not depend on how the scheduler shares a CPU. For the
   agent source a real hangupd runs (root, private socket, pinned with the wrks: its probe sees the bare
   server's connections too, so its own cost is reported in the agent CPU row) and the server serves
   through Monitor.Listener; the harness waits until the agent lists the listener.
