@@ -70,17 +70,10 @@ func TestBPFTracksLongRequests(t *testing.T) {
 
 	const drop = 2 * time.Second
 	started, results := make(chan struct{}, 1), make(chan result, 1)
+	wait := waitingHandler(started, results)
 	pair, ts := netServer(t, Options{Source: SourceBPF, DropTimeout: drop}, func(w http.ResponseWriter, r *http.Request) {
-		st := FromContext(r.Context())
 		r.Body.Read(make([]byte, 10)) // part of the body: net/http reads no further
-		started <- struct{}{}
-		woke := "timer"
-		select {
-		case <-r.Context().Done():
-			woke = "ctx"
-		case <-time.After(wait):
-		}
-		results <- result{status: st.Status(), reason: st.AbortReason(), woke: woke}
+		wait(w, r)
 	})
 	c, err := pair.Client.Dial("tcp", ts.addr)
 	if err != nil {
