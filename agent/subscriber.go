@@ -218,12 +218,10 @@ func (s *subscriber) replyError(code uint16, req uint32, msg string) {
 	s.reply(errorFrame(code, req, false, msg))
 }
 
-// register checks a listening socket's descriptor and routes its events to
-// this subscriber. The descriptor is closed by the caller: the agent needs
-// it only to learn what it is, and holding it would keep the socket open.
-// register handles a Register request for the listening socket fd, which
-// it closes before it answers: a client that has its answer may close its
-// own copy and count on the socket being gone from the host.
+// register handles a Register request for the listening socket fd. The
+// agent needs the descriptor only to learn what it is, and closes it before
+// it answers: a client that has its answer may close its own copy and count
+// on the socket being gone from the host.
 func (s *subscriber) register(req uint32, fd int) {
 	l, code, err := s.addListener(fd)
 	closeFD(fd)

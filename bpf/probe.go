@@ -19,6 +19,7 @@ import (
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/ringbuf"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/hangup-io/hangup/internal/pollfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -193,7 +194,13 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 	if err != nil {
 		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
 	}
-	if p.wake, p.wakeRC, err = pollable(p.maps.Events.FD()); err != nil {
+	// A ring buffer map's descriptor polls readable when the kernel
+	// wakes its readers; the poller gets a duplicate.
+	wfd, err := unix.FcntlInt(uintptr(p.maps.Events.FD()), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("opening ring buffer reader: dup: %w", err)
+	}
+	if p.wake, p.wakeRC, err = pollfd.Open(wfd, "ringbuf"); err != nil {
 		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
 	}
 	p.clock.refresh()
@@ -406,7 +413,7 @@ func (p *Probe) ReadInto(e *Event) error {
 			}
 			e.Time = p.clock.wall(e.Mono)
 			return nil
-		case errors.Is(err, ringbuf.ErrClosed), errors.Is(err, os.ErrClosed):
+		case errors.Is(err, ringbuf.ErrClosed):
 			return ErrClosed
 		case !errors.Is(err, os.ErrDeadlineExceeded):
 			return fmt.Errorf("reading ring buffer: %w", err)
@@ -468,27 +475,6 @@ func (p *Probe) wakeError(err error) error {
 		return ErrClosed
 	}
 	return fmt.Errorf("waiting for ring buffer data: %w", err)
-}
-
-// pollable returns a non-blocking duplicate of fd registered in Go's
-// network poller. A ring buffer map's descriptor polls readable when the
-// kernel wakes its readers.
-func pollable(fd int) (*os.File, syscall.RawConn, error) {
-	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
-	if err != nil {
-		return nil, nil, fmt.Errorf("dup: %w", err)
-	}
-	if err := unix.SetNonblock(nfd, true); err != nil {
-		unix.Close(nfd)
-		return nil, nil, err
-	}
-	f := os.NewFile(uintptr(nfd), "ringbuf")
-	rc, err := f.SyscallConn()
-	if err != nil {
-		f.Close()
-		return nil, nil, err
-	}
-	return f, rc, nil
 }
 
 // SetDeadline makes pending and future reads return an error matching

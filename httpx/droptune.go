@@ -382,12 +382,7 @@ func (c *conn) tuneLocked() {
 	if c.tuned.Load() || !set.enabled {
 		return
 	}
-	first := false
-	defer func() {
-		if lw, ok := c.m.src.(longLivedWatcher); ok && first {
-			lw.longLived(c)
-		}
-	}()
+	first := !c.tune.haveSaved
 	c.controlLocked(func(fd int) {
 		if !c.tune.haveSaved {
 			s := &c.tune.saved
@@ -400,12 +395,14 @@ func (c *conn) tuneLocked() {
 			s.cnt, _ = unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_KEEPCNT)
 			s.userTimeout, _ = unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_USER_TIMEOUT)
 			c.tune.haveSaved = true
-			first = true
 		}
 		setSockopts(fd, c.tune.saved, c.tunedOpts())
 		c.tune.uto = set.userTimeout
 		c.tuned.Store(true)
 	})
+	if lw, ok := c.m.src.(longLivedWatcher); ok && first && c.tune.haveSaved {
+		lw.longLived(c) // once per connection: the first tuning
+	}
 }
 
 // tunedOpts is the drop-detecting set for this connection.

@@ -9,6 +9,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hangup-io/hangup/internal/pollfd"
 	"golang.org/x/sys/unix"
 )
 
@@ -46,15 +47,9 @@ func startEpoll(report func(c *conn, r Reason, at time.Time), log *slog.Logger) 
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
 	}
-	if err := unix.SetNonblock(epfd, true); err != nil {
-		unix.Close(epfd)
-		return nil, fmt.Errorf("epoll set: %w", err)
-	}
-	ep := os.NewFile(uintptr(epfd), "httpx-epoll")
-	rc, err := ep.SyscallConn()
+	ep, rc, err := pollfd.Open(epfd, "httpx-epoll")
 	if err != nil {
-		ep.Close()
-		return nil, fmt.Errorf("epoll set: %w", err)
+		return nil, err
 	}
 	if report == nil {
 		report = func(c *conn, r Reason, at time.Time) { c.report(r, at) }
