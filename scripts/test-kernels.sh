@@ -249,7 +249,7 @@ summarize() {
 	if [[ $verdict != PASS ]]; then
 		failed=1
 		log "$kver: failed tests and their messages (logs in $logs):"
-		grep -E '^--- FAIL|^    [a-z_]+\.go:[0-9]+:|^HANGUP-ERROR|^panic:' "$txt" | head -n 60 >&2 || true
+		awk -v keep=25 -f scripts/failed-tests.awk "$txt" >&2 || true
 	fi
 }
 
