@@ -2,7 +2,11 @@
 
 package bpf
 
-import "github.com/cilium/ebpf/btf"
+import (
+	"sync/atomic"
+
+	"github.com/cilium/ebpf/btf"
+)
 
 // LoadOldest loads the probe with the oldest variant of every hook (the
 // programs for Linux 6.1's tracepoint signatures), so that this kernel can
@@ -16,4 +20,16 @@ func LoadOldest(opts Options) (*Probe, error) {
 		}
 		return hooks, err
 	})
+}
+
+// ParkWhenEmpty makes p's reader park (wait with no deadline, woken by
+// every record) whenever it finds the ring empty, not only once a flush
+// interval brought nothing. Call it before reading.
+func ParkWhenEmpty(p *Probe) { p.parkWhenEmpty = true }
+
+// Parked reports whether p's reader is parked.
+func Parked(p *Probe) bool {
+	p.parkMu.RLock()
+	defer p.parkMu.RUnlock()
+	return p.parked != nil && atomic.LoadUint32(p.parked) != 0
 }

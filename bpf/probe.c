@@ -186,6 +186,20 @@ struct {
 	__type(value, __u8);
 } watched SEC(".maps");
 
+/*
+ * reader holds one word the reader sets while it waits with no deadline
+ * (an idle ring: its last poll found nothing). Routine records then wake
+ * it, so that an idle reader needs no timer and a busy one keeps batching.
+ * Memory-mapped: the reader sets and clears it with a plain atomic store.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} reader SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, STAT_MAX);
@@ -250,6 +264,19 @@ static __always_inline bool routine(__u8 kind, __u8 cause)
 }
 
 /*
+ * reader_parked reports whether the reader waits with no deadline. Called
+ * after the record's reservation: the atomic read is a full barrier, so
+ * either this sees the reader's store or the reader, which stores first and
+ * then looks at the ring, sees the reserved record (and does not park).
+ */
+static __always_inline bool reader_parked(void)
+{
+	__u32 k = 0;
+	__u32 *v = bpf_map_lookup_elem(&reader, &k);
+	return v && __sync_fetch_and_or(v, 0) != 0;
+}
+
+/*
  * emit writes one event. lport comes from the tracking entry: the kernel
  * zeroes skc_num when a closing socket releases its port, before the
  * TCP_CLOSE tracepoint fires.
@@ -307,7 +334,7 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 	 * the reader's next poll.
 	 */
 	__u64 flags = BPF_RB_FORCE_WAKEUP;
-	if (!urgent && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes)
+	if (!urgent && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < wakeup_bytes && !reader_parked())
 		flags = BPF_RB_NO_WAKEUP;
 	bpf_ringbuf_submit(e, flags);
 	stat_inc(STAT_EVENTS);

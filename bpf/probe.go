@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/btf"
@@ -36,7 +37,10 @@ type Options struct {
 	// FlushInterval bounds how long a routine event (opened, retransmit,
 	// normal close) may wait in the ring buffer before Read returns it.
 	// Events that say a client is gone (FIN, RST, errors, abnormal closes)
-	// are returned at once regardless. Zero means 10ms.
+	// are returned at once regardless. Zero means 10ms. The interval is a
+	// busy ring's: once one brought nothing, the reader waits with no
+	// timer, and the next record of any kind wakes it (an idle probe
+	// costs no wakeups).
 	FlushInterval time.Duration
 	// WatchedOnly narrows the events to what a server that loads its own
 	// probe needs: only connections whose (network namespace cookie, local
@@ -83,6 +87,17 @@ type Probe struct {
 	wakeRC  syscall.RawConn
 	closing atomic.Bool // Close began
 	clock   wallClock
+
+	// parked is the reader map's word, memory-mapped (parkMem): set while
+	// the reader waits with no deadline, so that routine records wake it
+	// (probe.c, reader_parked). idle says the reader's last wait ended at
+	// its deadline and found nothing since: the ring is idle, and the next
+	// wait parks. Only the reading goroutine touches idle.
+	parkMu        sync.RWMutex // Close unmaps parkMem under it; a parked wait holds it shared
+	parked        *uint32
+	parkMem       []byte
+	idle          bool
+	parkWhenEmpty bool // tests: park whenever the ring is empty
 
 	flush    time.Duration
 	watching bool         // Watch is meaningful: WatchedOnly or WakeWatchedOnly
@@ -203,6 +218,10 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 	if p.wake, p.wakeRC, err = pollfd.Open(wfd, "ringbuf"); err != nil {
 		return nil, fmt.Errorf("opening ring buffer reader: %w", err)
 	}
+	if p.parkMem, err = unix.Mmap(p.maps.Reader.FD(), 0, os.Getpagesize(), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err != nil {
+		return nil, fmt.Errorf("mapping the reader map: %w", err)
+	}
+	p.parked = (*uint32)(unsafe.Pointer(&p.parkMem[0]))
 	p.clock.refresh()
 	return p, nil
 }
@@ -408,6 +427,7 @@ func (p *Probe) ReadInto(e *Event) error {
 		err := p.rd.ReadInto(&p.rec)
 		switch {
 		case err == nil:
+			p.idle = false
 			if err := DecodeEvent(p.rec.RawSample, e); err != nil {
 				return err
 			}
@@ -433,20 +453,46 @@ var pastDeadline = time.Unix(1, 0)
 // probe.c), or the caller's deadline passed (then it returns an error
 // matching os.ErrDeadlineExceeded).
 //
+// An idle ring needs no timer: once a whole flush interval brought nothing,
+// the reader parks, waiting with no deadline of its own, and says so in the
+// reader map, where every record then wakes it. A busy ring keeps batching
+// routine records for up to a flush interval. Idle, a probe costs nothing
+// (measured before: about 400 context switches and 13 ms of CPU a second).
+//
 // It waits in Go's network poller, not in a blocking epoll_wait: a thread
 // blocked in a system call keeps its P until sysmon takes it back (20 µs to
 // 10 ms later), so a reader that woke every flush interval would stall a
 // GOMAXPROCS=1 server that often, and sysmon, reset each time, would never
 // back off (measured: half the keep-alive throughput of an httpx server).
 func (p *Probe) waitData() error {
-	wait := time.Now().Add(p.flush)
+	park := p.idle || p.parkWhenEmpty
+	var wait time.Time
+	if !park {
+		wait = time.Now().Add(p.flush)
+	}
 	if user := p.deadline.Load(); user != 0 {
 		if time.Now().UnixNano() >= user {
 			return fmt.Errorf("reading ring buffer: %w", os.ErrDeadlineExceeded)
 		}
-		if user < wait.UnixNano() {
+		if wait.IsZero() || user < wait.UnixNano() {
 			wait = time.Unix(0, user)
 		}
+	}
+	if park {
+		// Say so first, then look: a record reserved meanwhile either
+		// saw the word (and wakes the reader) or is seen here.
+		p.parkMu.RLock()
+		defer p.parkMu.RUnlock()
+		if p.parked == nil {
+			return ErrClosed
+		}
+		atomic.StoreUint32(p.parked, 1)
+		if p.rd.AvailableBytes() > 0 {
+			atomic.StoreUint32(p.parked, 0)
+			p.idle = false
+			return nil
+		}
+		defer atomic.StoreUint32(p.parked, 0)
 	}
 	if err := p.wake.SetReadDeadline(wait); err != nil {
 		return p.wakeError(err)
@@ -462,9 +508,11 @@ func (p *Probe) waitData() error {
 		waited = true
 		return false
 	})
-	if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+	timedOut := errors.Is(err, os.ErrDeadlineExceeded)
+	if err != nil && !timedOut {
 		return p.wakeError(err)
 	}
+	p.idle = timedOut
 	return nil
 }
 
@@ -510,6 +558,12 @@ func (p *Probe) Close() error {
 		for _, prog := range p.progs {
 			errs = append(errs, prog.Close())
 		}
+		p.parkMu.Lock() // a parked wait, woken by closing wake, lets go
+		if p.parkMem != nil {
+			errs = append(errs, unix.Munmap(p.parkMem))
+			p.parkMem, p.parked = nil, nil
+		}
+		p.parkMu.Unlock()
 		errs = append(errs, p.maps.Close())
 		p.closeErr = errors.Join(errs...)
 	})

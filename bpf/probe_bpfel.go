@@ -114,6 +114,7 @@ const (
 	probeMapConns               = "conns"
 	probeMapEvents              = "events"
 	probeMapPortStats           = "port_stats"
+	probeMapReader              = "reader"
 	probeMapStats               = "stats"
 	probeMapWatched             = "watched"
 	probeProgOnDestroy          = "on_destroy"
@@ -198,6 +199,7 @@ type probeMapSpecs struct {
 	Conns     *ebpf.MapSpec `ebpf:"conns"`
 	Events    *ebpf.MapSpec `ebpf:"events"`
 	PortStats *ebpf.MapSpec `ebpf:"port_stats"`
+	Reader    *ebpf.MapSpec `ebpf:"reader"`
 	Stats     *ebpf.MapSpec `ebpf:"stats"`
 	Watched   *ebpf.MapSpec `ebpf:"watched"`
 }
@@ -242,6 +244,7 @@ type probeMaps struct {
 	Conns     *ebpf.Map `ebpf:"conns"`
 	Events    *ebpf.Map `ebpf:"events"`
 	PortStats *ebpf.Map `ebpf:"port_stats"`
+	Reader    *ebpf.Map `ebpf:"reader"`
 	Stats     *ebpf.Map `ebpf:"stats"`
 	Watched   *ebpf.Map `ebpf:"watched"`
 }
@@ -251,6 +254,7 @@ func (m *probeMaps) Close() error {
 		m.Conns,
 		m.Events,
 		m.PortStats,
+		m.Reader,
 		m.Stats,
 		m.Watched,
 	)

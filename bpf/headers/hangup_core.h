@@ -28,6 +28,7 @@ typedef _Bool bool;
 /* Map types and flags from include/uapi/linux/bpf.h (stable UAPI values). */
 enum {
 	BPF_MAP_TYPE_HASH = 1,
+	BPF_MAP_TYPE_ARRAY = 2,
 	BPF_MAP_TYPE_PERCPU_HASH = 5,
 	BPF_MAP_TYPE_PERCPU_ARRAY = 6,
 	BPF_MAP_TYPE_RINGBUF = 27,
@@ -38,6 +39,7 @@ enum {
 };
 enum {
 	BPF_F_NO_PREALLOC = 1,
+	BPF_F_MMAPABLE = 1024, /* 1U << 10 */
 };
 /* bpf_ringbuf_submit flags and bpf_ringbuf_query selectors */
 enum {
