@@ -33,3 +33,7 @@ func Parked(p *Probe) bool {
 	defer p.parkMu.RUnlock()
 	return p.parked != nil && atomic.LoadUint32(p.parked) != 0
 }
+
+// BeforeWait makes p's reader call fn just before each wait in the poller,
+// after it found the ring empty. Call it before reading.
+func BeforeWait(p *Probe, fn func()) { p.beforeWait = fn }

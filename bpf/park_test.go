@@ -3,6 +3,7 @@
 package bpf_test
 
 import (
+	"net"
 	"testing"
 	"time"
 
@@ -79,4 +80,51 @@ func TestReaderParksWhenIdle(t *testing.T) {
 	cookie := resetByClient(t, pair, ln)
 	rec.Wait(t, 5*time.Second, "closed", probetest.Cookie(cookie, bpf.KindClosed))
 	waitParked()
+}
+
+// TestParkedReaderMissesNoWakeup: a reader that parks at every empty ring
+// is woken for every record, also for one that lands between finding the
+// ring empty and waiting. The look at the ring must come after the
+// poller's read began: the read begins by clearing a wakeup the poller
+// latched, so one that came after an earlier look was lost, and the parked
+// reader waited for the next record (a benchmark hung for 9 minutes on it).
+func TestParkedReaderMissesNoWakeup(t *testing.T) {
+	pair := testnet.NewPair(t)
+	p := probetest.Load(t, bpf.Options{FlushInterval: time.Hour})
+	bpf.ParkWhenEmpty(p)
+	ns, err := pair.Server.NetNSCookie()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Widen the window between finding the ring empty and waiting, where
+	// records now often land.
+	bpf.BeforeWait(p, func() { time.Sleep(time.Millisecond) })
+	rec := probetest.Record(t, p, probetest.InNetNS(ns))
+	ln, err := pair.Server.Listen("tcp4", testnet.ServerAddr4.String()+":0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	const n = 300
+	for i := range n {
+		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		sc, err := ln.Accept()
+		if err != nil {
+			t.Fatal(err)
+		}
+		cookie, err := testnet.SocketCookie(sc)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cc.(*net.TCPConn).SetLinger(0)
+		cc.Close()
+		_, ok := rec.WaitFor(10*time.Second, probetest.Cookie(cookie, bpf.KindPeerReset))
+		sc.Close()
+		if !ok {
+			t.Fatalf("connection %d: its reset was not read in 10s (a lost wakeup)", i)
+		}
+	}
 }

@@ -97,7 +97,8 @@ type Probe struct {
 	parked        *uint32
 	parkMem       []byte
 	idle          bool
-	parkWhenEmpty bool // tests: park whenever the ring is empty
+	parkWhenEmpty bool   // tests: park whenever the ring is empty
+	beforeWait    func() // tests: runs just before the poller's read
 
 	flush    time.Duration
 	watching bool         // Watch is meaningful: WatchedOnly or WakeWatchedOnly
@@ -479,35 +480,41 @@ func (p *Probe) waitData() error {
 		}
 	}
 	if park {
-		// Say so first, then look: a record reserved meanwhile either
-		// saw the word (and wakes the reader) or is seen here.
+		// Say so before the look below: a record reserved meanwhile
+		// either saw the word (and wakes the reader) or is seen there.
 		p.parkMu.RLock()
 		defer p.parkMu.RUnlock()
 		if p.parked == nil {
 			return ErrClosed
 		}
 		atomic.StoreUint32(p.parked, 1)
-		if p.rd.AvailableBytes() > 0 {
-			atomic.StoreUint32(p.parked, 0)
-			p.idle = false
-			return nil
-		}
 		defer atomic.StoreUint32(p.parked, 0)
 	}
 	if err := p.wake.SetReadDeadline(wait); err != nil {
 		return p.wakeError(err)
 	}
-	// The ring was just found empty: wait for the next wakeup. One that
-	// came meanwhile is latched by the poller and ends the wait at once
-	// (as may one already handled: the caller then looks again).
-	waited := false
+	// Look at the ring inside the poller's read, then wait for the next
+	// wakeup: one that comes after the look is latched by the poller and
+	// ends the wait at once; one that came before it is seen by the look.
+	// A look before the poller's read would lose that wakeup (the read
+	// begins by clearing what the poller latched), and a parked reader,
+	// with no deadline, would wait for the next record.
+	if p.beforeWait != nil {
+		p.beforeWait()
+	}
+	looked, found := false, false
 	err := p.wakeRC.Read(func(uintptr) bool {
-		if waited {
+		if looked {
 			return true
 		}
-		waited = true
-		return false
+		looked = true
+		found = p.rd.AvailableBytes() > 0
+		return found
 	})
+	if found {
+		p.idle = false
+		return nil
+	}
 	timedOut := errors.Is(err, os.ErrDeadlineExceeded)
 	if err != nil && !timedOut {
 		return p.wakeError(err)
