@@ -29,8 +29,8 @@ func ParkWhenEmpty(p *Probe) { p.parkWhenEmpty = true }
 
 // Parked reports whether p's reader is parked.
 func Parked(p *Probe) bool {
-	p.parkMu.RLock()
-	defer p.parkMu.RUnlock()
+	p.waitMu.RLock()
+	defer p.waitMu.RUnlock()
 	return p.parked != nil && atomic.LoadUint32(p.parked) != 0
 }
 

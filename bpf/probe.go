@@ -93,7 +93,7 @@ type Probe struct {
 	// (probe.c, reader_parked). idle says the reader's last wait ended at
 	// its deadline and found nothing since: the ring is idle, and the next
 	// wait parks. Only the reading goroutine touches idle.
-	parkMu        sync.RWMutex // Close unmaps parkMem under it; a parked wait holds it shared
+	waitMu        sync.RWMutex // held shared by waitData; Close frees what it uses under it
 	parked        *uint32
 	parkMem       []byte
 	idle          bool
@@ -466,6 +466,11 @@ var pastDeadline = time.Unix(1, 0)
 // GOMAXPROCS=1 server that often, and sysmon, reset each time, would never
 // back off (measured: half the keep-alive throughput of an httpx server).
 func (p *Probe) waitData() error {
+	p.waitMu.RLock()
+	defer p.waitMu.RUnlock()
+	if p.parked == nil {
+		return ErrClosed
+	}
 	park := p.idle || p.parkWhenEmpty
 	var wait time.Time
 	if !park {
@@ -482,11 +487,6 @@ func (p *Probe) waitData() error {
 	if park {
 		// Say so before the look below: a record reserved meanwhile
 		// either saw the word (and wakes the reader) or is seen there.
-		p.parkMu.RLock()
-		defer p.parkMu.RUnlock()
-		if p.parked == nil {
-			return ErrClosed
-		}
 		atomic.StoreUint32(p.parked, 1)
 		defer atomic.StoreUint32(p.parked, 0)
 	}
@@ -556,6 +556,9 @@ func (p *Probe) Close() error {
 		if p.wake != nil {
 			errs = append(errs, p.wake.Close()) // wakes a blocked read
 		}
+		// A reader in waitData, woken, lets go before its ring goes.
+		p.waitMu.Lock()
+		defer p.waitMu.Unlock()
 		if p.rd != nil {
 			errs = append(errs, p.rd.Close())
 		}
@@ -565,12 +568,10 @@ func (p *Probe) Close() error {
 		for _, prog := range p.progs {
 			errs = append(errs, prog.Close())
 		}
-		p.parkMu.Lock() // a parked wait, woken by closing wake, lets go
 		if p.parkMem != nil {
 			errs = append(errs, unix.Munmap(p.parkMem))
 			p.parkMem, p.parked = nil, nil
 		}
-		p.parkMu.Unlock()
 		errs = append(errs, p.maps.Close())
 		p.closeErr = errors.Join(errs...)
 	})
