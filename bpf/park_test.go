@@ -31,20 +31,9 @@ func TestParkedReaderWakesForRoutineRecords(t *testing.T) {
 	}
 	defer ln.Close()
 	for range 5 {
-		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
+		cc, sc, cookie := connect(t, pair, ln)
 		defer cc.Close()
-		sc, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
 		defer sc.Close()
-		cookie, err := testnet.SocketCookie(sc)
-		if err != nil {
-			t.Fatal(err)
-		}
 		rec.Wait(t, 5*time.Second, "opened", probetest.Cookie(cookie, bpf.KindOpened))
 	}
 }
@@ -107,18 +96,7 @@ func TestParkedReaderMissesNoWakeup(t *testing.T) {
 	defer ln.Close()
 	const n = 300
 	for i := range n {
-		cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
-		if err != nil {
-			t.Fatal(err)
-		}
-		sc, err := ln.Accept()
-		if err != nil {
-			t.Fatal(err)
-		}
-		cookie, err := testnet.SocketCookie(sc)
-		if err != nil {
-			t.Fatal(err)
-		}
+		cc, sc, cookie := connect(t, pair, ln)
 		cc.(*net.TCPConn).SetLinger(0)
 		cc.Close()
 		_, ok := rec.WaitFor(10*time.Second, probetest.Cookie(cookie, bpf.KindPeerReset))

@@ -100,22 +100,32 @@ func TestWatchNeedsWatchedOnly(t *testing.T) {
 // from the client, and returns the server socket's cookie.
 func resetByClient(t *testing.T, pair *testnet.Pair, ln net.Listener) uint64 {
 	t.Helper()
+	cc, sc, cookie := connect(t, pair, ln)
+	t.Cleanup(func() { sc.Close() })
+	cc.(*net.TCPConn).SetLinger(0)
+	cc.Close()
+	return cookie
+}
+
+// connect dials ln from the client host and returns both ends and the
+// server socket's cookie.
+func connect(t *testing.T, pair *testnet.Pair, ln net.Listener) (client, server net.Conn, cookie uint64) {
+	t.Helper()
 	cc, err := pair.Client.Dial("tcp4", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	sc, err := ln.Accept()
 	if err != nil {
+		cc.Close()
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { sc.Close() })
-	cookie, err := testnet.SocketCookie(sc)
-	if err != nil {
+	if cookie, err = testnet.SocketCookie(sc); err != nil {
+		cc.Close()
+		sc.Close()
 		t.Fatal(err)
 	}
-	cc.(*net.TCPConn).SetLinger(0)
-	cc.Close()
-	return cookie
+	return cc, sc, cookie
 }
 
 // TestCountersPerNamespace: the same port in two namespaces has two sets of
