@@ -95,6 +95,7 @@ func (s *State) finished() bool {
 // the end of the connection, so that the partial response does not look
 // complete.
 func (s *State) releaseStuck() {
+	s.settle()
 	if partial := s.w.release(true, true); partial && s.c != nil {
 		s.c.control(func(fd int) { _ = unix.Shutdown(fd, unix.SHUT_RDWR) })
 	}
@@ -148,6 +149,9 @@ func (s *State) serveDetached(h http.Handler, r *http.Request) {
 	}
 	timedOut := s.TimedOut()
 	endedByTimeout := timedOut && (p == nil || p == http.ErrAbortHandler)
+	if stuck {
+		s.settle() // release flushes the response now
+	}
 	partial := s.w.release(endedByTimeout, stuck)
 	if endedByTimeout && !partial {
 		p = nil

@@ -1,6 +1,7 @@
 package httpx
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -256,6 +257,49 @@ func TestTimeLimitReleasesStuckHandler(t *testing.T) {
 		t.Errorf("status %s, want TIMEOUT", s)
 	}
 	unblock.open()
+}
+
+// TestClientClosingAfter503IsNoAbort: a client that reads the 503 of a
+// stuck handler and closes the connection has not aborted, also when its
+// FIN arrives while the shutdown functions still run (CI saw
+// ABORTED|TIMEOUT 1 run in 25: the 503 went out before the request stopped
+// listening to its connection).
+func TestClientClosingAfter503IsNoAbort(t *testing.T) {
+	for _, detach := range []bool{false, true} {
+		t.Run(fmt.Sprintf("detach=%v", detach), func(t *testing.T) {
+			closed := make(chan struct{})
+			statuses := make(chan Status, 1)
+			unblock := newGate(t)
+			ts := abortServer(t, Options{TimeLimit: 20 * time.Millisecond, TimeoutGrace: 30 * time.Millisecond, Detach: detach}, func(w http.ResponseWriter, r *http.Request) {
+				st := FromContext(r.Context())
+				st.RegisterShutdown(func() {
+					<-closed
+					time.Sleep(100 * time.Millisecond) // the FIN reaches the monitor
+				})
+				st.RegisterShutdown(func() { statuses <- st.Status() })
+				<-unblock.ch
+			})
+			c, err := net.Dial("tcp", ts.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rawRequest(t, c, "/")
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusServiceUnavailable {
+				t.Errorf("status code %d, want 503", resp.StatusCode)
+			}
+			c.Close()
+			close(closed)
+			if s := waitFor(t, statuses, "shutdown functions"); s != StatusTimeout {
+				t.Errorf("status %s, want TIMEOUT", s)
+			}
+			unblock.open()
+		})
+	}
 }
 
 func TestStatusAbortedAndTimedOut(t *testing.T) {

@@ -34,6 +34,7 @@ type State struct {
 	reqClose bool  // net/http closes the connection after the response (Connection: close, HTTP/1.0)
 	reqHead  bool
 	left     bool // no longer in flight on the connection (under mu)
+	settled  bool // a timed-out response is being sent as final: the connection no longer marks it (under mu)
 
 	stop     atomic.Bool // the next output ends the handler (aborted and not ignored, or timed out)
 	timedOut atomic.Bool // the time limit expired
@@ -182,7 +183,7 @@ func (s *State) updateStopLocked() {
 // may hold while blocked, such as the writer's.
 func (s *State) abort(r Reason, at time.Time, how learned) {
 	s.mu.Lock()
-	if s.ended || s.left {
+	if s.ended || s.left || s.settled {
 		s.mu.Unlock()
 		return
 	}
@@ -458,6 +459,15 @@ func (s *State) end() {
 	if stopDeadline != nil {
 		stopDeadline()
 	}
+}
+
+// settle stops the connection from marking the request before its final
+// response goes out ahead of the handler (the timeout grace expired): a
+// client that reads the 503 and closes has not aborted.
+func (s *State) settle() {
+	s.mu.Lock()
+	s.settled = true
+	s.mu.Unlock()
 }
 
 // leave takes the request off its connection, once: what happens to the
