@@ -223,6 +223,9 @@ func (s *State) Finish() {
 	x := s.xLocked()
 	already := x.finished
 	x.finished = true
+	// From here the response goes out ahead of the handler: a client that
+	// reads it and closes has not aborted.
+	s.settled = true
 	run := x.run
 	s.mu.Unlock()
 	if run != nil {
@@ -247,6 +250,9 @@ func (s *State) finishInline() {
 		return
 	}
 	defer s.leave()
+	if h := s.m.finishFlushed; h != nil {
+		defer h()
+	}
 	if !isNetHTTPResponse(w.rw) {
 		s.m.warnFinishOnce.Do(func() {
 			s.m.log.Warn("Finish cannot complete a response before the handler returns when a middleware wraps the ResponseWriter; it completes when the handler returns (set Options.Detach to finish through middleware)",

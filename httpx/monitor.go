@@ -124,6 +124,9 @@ type Monitor struct {
 
 	idleWaiters    atomic.Int32 // delivery waits that need ConnState's StateIdle
 	warnFinishOnce sync.Once
+	// finishFlushed, set only by tests, runs in an inline Finish after
+	// the response went out and before Finish returns.
+	finishFlushed func()
 
 	work     workCount // handlers, continuations, timers' work
 	bgCtx    context.Context

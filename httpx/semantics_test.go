@@ -302,6 +302,50 @@ func TestClientClosingAfter503IsNoAbort(t *testing.T) {
 	}
 }
 
+// A client that reads what an inline Finish sent and closes at once has
+// not aborted, also when its FIN comes before Finish returns (the test hook
+// holds Finish until the client closed and its FIN reached the monitor).
+func TestClientClosingAfterFinishIsNoAbort(t *testing.T) {
+	for _, wrote := range []bool{false, true} {
+		t.Run(fmt.Sprintf("wrote=%v", wrote), func(t *testing.T) {
+			closed := make(chan struct{})
+			statuses := make(chan Status, 1)
+			m := newMonitor(t, Options{Source: SourceEpoll})
+			m.finishFlushed = func() {
+				<-closed
+				time.Sleep(100 * time.Millisecond) // the FIN reaches the monitor
+			}
+			ts := serve(t, m, loopback(t), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				st := FromContext(r.Context())
+				if wrote {
+					io.WriteString(w, "done")
+				}
+				st.Finish()
+				statuses <- st.Status()
+			}), nil)
+			c, err := net.Dial("tcp", ts.addr)
+			if err != nil {
+				t.Fatal(err)
+			}
+			rawGet(t, c, "/")
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			body, err := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			if want := map[bool]string{false: "", true: "done"}[wrote]; err != nil || string(body) != want {
+				t.Errorf("body %q, %v; want %q", body, err, want)
+			}
+			c.Close()
+			close(closed)
+			if s := waitFor(t, statuses, "handler"); s != StatusNormal {
+				t.Errorf("status %s after Finish, want NORMAL", s)
+			}
+		})
+	}
+}
+
 func TestStatusAbortedAndTimedOut(t *testing.T) {
 	for _, order := range []string{"abort first", "timeout first"} {
 		t.Run(order, func(t *testing.T) {

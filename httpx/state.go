@@ -34,7 +34,7 @@ type State struct {
 	reqClose bool  // net/http closes the connection after the response (Connection: close, HTTP/1.0)
 	reqHead  bool
 	left     bool // no longer in flight on the connection (under mu)
-	settled  bool // a timed-out response is being sent as final: the connection no longer marks it (under mu)
+	settled  bool // the response goes out ahead of the handler (Finish, or the timeout grace expired): the connection no longer marks it (under mu)
 
 	stop     atomic.Bool // the next output ends the handler (aborted and not ignored, or timed out)
 	timedOut atomic.Bool // the time limit expired
@@ -462,8 +462,8 @@ func (s *State) end() {
 }
 
 // settle stops the connection from marking the request before its final
-// response goes out ahead of the handler (the timeout grace expired): a
-// client that reads the 503 and closes has not aborted.
+// response goes out ahead of the handler (the timeout grace expired; Finish
+// sets it itself): a client that reads the 503 and closes has not aborted.
 func (s *State) settle() {
 	s.mu.Lock()
 	s.settled = true
