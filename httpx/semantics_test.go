@@ -1,7 +1,6 @@
 package httpx
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -284,10 +283,7 @@ func TestClientClosingAfter503IsNoAbort(t *testing.T) {
 				t.Fatal(err)
 			}
 			rawRequest(t, c, "/")
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
+			resp := readResponse(t, c)
 			resp.Body.Close()
 			if resp.StatusCode != http.StatusServiceUnavailable {
 				t.Errorf("status code %d, want 503", resp.StatusCode)
@@ -328,10 +324,7 @@ func TestClientClosingAfterFinishIsNoAbort(t *testing.T) {
 				t.Fatal(err)
 			}
 			rawGet(t, c, "/")
-			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-			if err != nil {
-				t.Fatal(err)
-			}
+			resp := readResponse(t, c)
 			body, err := io.ReadAll(resp.Body)
 			resp.Body.Close()
 			if want := map[bool]string{false: "", true: "done"}[wrote]; err != nil || string(body) != want {
