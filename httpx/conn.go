@@ -53,8 +53,12 @@ type conn struct {
 	h2Keep  bool // an HTTP/2 connection keeps keepFD while it has streams
 
 	// Source-private state, under the source's own lock.
-	epollID uint64
-	agent   agentConn
+	epollID   uint64
+	epollDone bool // unwatched: a lazy source's arm registers nothing
+	agent     agentConn
+
+	epollLazy  bool        // a lazy epoll source watches it (set before any request)
+	epollArmed atomic.Bool // arm ran
 }
 
 const connFIN = 1
@@ -214,6 +218,16 @@ func (c *conn) begin(s *State) {
 	c.active.Add(1)
 	if r := c.gone(); r != ReasonNone {
 		s.abort(r, time.Time{}, fromSource)
+	}
+}
+
+// arm makes a lazy epoll source register the connection (see epollSource).
+func (c *conn) arm() {
+	if !c.epollLazy || c.epollArmed.Load() {
+		return
+	}
+	if s, ok := c.m.src.(*epollSource); ok {
+		s.arm(c)
 	}
 }
 

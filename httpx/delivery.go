@@ -35,6 +35,7 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 		return fmt.Errorf("%w: connection not tracked", ErrDeliveryUnknown)
 	}
 	c := s.c
+	c.arm() // a death must end the wait at once
 	c.mu.Lock()
 	c.tune.holds++
 	c.keepLocked()

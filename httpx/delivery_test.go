@@ -222,7 +222,7 @@ func TestClassifyOrderlyHUP(t *testing.T) {
 // registers in a closed (or reused) epoll descriptor nor leaks its
 // duplicate.
 func TestEpollWatchAfterClose(t *testing.T) {
-	src, err := startEpoll(func(*conn, Reason, time.Time) {}, slog.New(slog.DiscardHandler))
+	src, err := startEpoll(func(*conn, Reason, time.Time) {}, false, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -317,4 +318,70 @@ func TestDetectKeepAliveCloseIsNoAbort(t *testing.T) {
 			t.Errorf("requests %v", st.Requests)
 		}
 	})
+}
+
+// TestDetectResetAfterPipelinedRequest: a second request that arrives while
+// the first one's handler runs stops net/http's background read, so
+// net/http no longer notices the client leave. httpx still does: the probe
+// at once; the epoll source, which registers a connection only for requests
+// net/http's background read does not cover, once the request outlives the
+// watchdog's tick (the watchdog registers it then, and asks the socket).
+func TestDetectResetAfterPipelinedRequest(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		started, results := make(chan struct{}, 2), make(chan result, 2)
+		pair, ts := netServer(t, Options{Source: src, DropTimeout: 2 * time.Second}, waitingHandler(started, results))
+		c, err := pair.Client.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		rawGet(t, c, "/first")
+		waitFor(t, started, "handler")
+		rawGet(t, c, "/pipelined")
+		time.Sleep(20 * time.Millisecond) // net/http's background read takes its first byte
+		reset(t, c)
+		res := waitFor(t, results, "handler result")
+		if res.woke != "ctx" || res.status != StatusAborted || res.reason != ReasonPeerReset || !errors.Is(res.cause, ErrAborted) {
+			t.Errorf("got %+v, want ABORTED %s before the handler's wait ended", res, ReasonPeerReset)
+		}
+	})
+}
+
+// TestEpollRegistersOnlyWhatNetHTTPMisses: the epoll source registers no
+// connection for bodiless HTTP/1.x requests, whose client net/http's
+// background read watches, and registers one whose request has a body.
+func TestEpollRegistersOnlyWhatNetHTTPMisses(t *testing.T) {
+	m := newMonitor(t, Options{Source: SourceEpoll})
+	ts := serve(t, m, loopback(t), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok")
+	}), nil)
+	src := m.src.(*epollSource)
+	registered := func() int {
+		src.mu.Lock()
+		defer src.mu.Unlock()
+		return len(src.conns)
+	}
+	client := &http.Client{Transport: &http.Transport{}}
+	defer client.CloseIdleConnections()
+	for range 3 {
+		resp, err := client.Get("http://" + ts.addr + "/")
+		if err != nil {
+			t.Fatal(err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+	}
+	if n := registered(); n != 0 {
+		t.Fatalf("%d connections registered after GET requests, want 0", n)
+	}
+	resp, err := client.Post("http://"+ts.addr+"/", "text/plain", strings.NewReader("body"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if n := registered(); n != 1 {
+		t.Fatalf("%d connections registered after a POST with a body, want 1", n)
+	}
 }

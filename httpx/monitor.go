@@ -205,7 +205,7 @@ func (m *Monitor) start(name Source) (source, error) {
 		}
 		return newCookieSource(SourceBPF, s), nil
 	case SourceEpoll:
-		return startEpoll(nil, m.log)
+		return startEpoll(nil, true, m.log)
 	case SourceAgent:
 		// An explicit agent source outlives an agent that is not
 		// there yet; the automatic choice falls back instead.

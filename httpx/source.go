@@ -33,10 +33,14 @@ const (
 	// package httpx/bpfsource, which links cilium/ebpf in; without it,
 	// SourceBPF fails with ErrBPFNotLinked (and falls back).
 	SourceBPF Source = "bpf"
-	// SourceEpoll registers every connection in a private epoll set for
+	// SourceEpoll registers connections in a private epoll set for
 	// EPOLLRDHUP|EPOLLERR|EPOLLHUP. It needs no privileges and sees FIN,
-	// RST and kernel timeouts, but not retransmissions. It costs one
-	// epoll_ctl per connection and no extra descriptor.
+	// RST and kernel timeouts, but not retransmissions. A connection is
+	// registered (one epoll_ctl, no extra descriptor) only once a request
+	// needs it: one with a body, HTTP/2, Options.IgnoreHalfClose, a
+	// delivery wait, or a request that outlives the watchdog's tick. For
+	// the rest, net/http's own background read sees the client leave and
+	// httpx asks the socket why.
 	SourceEpoll Source = "epoll"
 	// SourceNone detects nothing from the kernel: only write errors and
 	// net/http's own cancellation mark requests aborted.

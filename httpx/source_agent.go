@@ -85,7 +85,7 @@ func agentSocketExists(path string) bool {
 // If the agent cannot be reached, it fails, unless persistent is set: the
 // source then starts with every connection on epoll and keeps trying.
 func startAgent(path string, persistent bool, m *Monitor, log *slog.Logger) (*agentSource, error) {
-	fb, err := startEpoll(nil, log)
+	fb, err := startEpoll(nil, false, log)
 	if err != nil {
 		return nil, fmt.Errorf("starting the epoll fallback: %w", err)
 	}

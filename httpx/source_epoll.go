@@ -13,12 +13,26 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// epollSource watches each connection in a private epoll set. It registers
+// epollSource watches connections in a private epoll set. It registers
 // net/http's own descriptor (inside RawConn.Control, so it cannot be closed
 // meanwhile) under a registration id that is never reused, and never
 // removes it: the kernel drops the registration when the socket's file is
 // closed, and an event whose id is no longer known is ignored. So a
-// connection costs one epoll_ctl and no extra descriptor.
+// registered connection costs one epoll_ctl and no extra descriptor.
+//
+// As the detection source (lazy), it registers a connection only once a
+// request needs it (arm): while an HTTP/1.x request has no body left to
+// read, net/http's own background read sees the client's FIN or RST (or a
+// kernel timeout) and cancels the request's context, and State asks the
+// socket why, so the registration would only repeat it. A request with a
+// body, HTTP/2, Options.IgnoreHalfClose (net/http stops reading after the
+// FIN), a delivery wait, and a request that outlives the watchdog's tick
+// (pipelined data stops net/http's background read) arm the connection for
+// the rest of its life. Most connections of a busy server are never
+// registered: no epoll_ctl, and nothing for the kernel to remove or wake
+// on every segment. As the agent source's fallback it registers every
+// connection at once (not lazy): what happened while the agent was away is
+// only reported by the registration.
 //
 // The loop waits for the set in Go's network poller (the epoll descriptor
 // polls readable when it holds events), never in a blocking epoll_wait: a
@@ -32,6 +46,8 @@ type epollSource struct {
 	log    *slog.Logger
 	done   chan struct{}
 
+	lazy bool // watch registers nothing; arm does
+
 	mu     sync.Mutex
 	conns  map[uint64]*conn
 	nextID uint64
@@ -41,8 +57,9 @@ type epollSource struct {
 const epollEvents = unix.EPOLLRDHUP | unix.EPOLLERR | unix.EPOLLHUP | unix.EPOLLET
 
 // startEpoll starts the loop; report receives what it sees (nil:
-// conn.report).
-func startEpoll(report func(c *conn, r Reason, at time.Time), log *slog.Logger) (_ *epollSource, err error) {
+// conn.report). A lazy source registers a connection only when arm is
+// called for it.
+func startEpoll(report func(c *conn, r Reason, at time.Time), lazy bool, log *slog.Logger) (_ *epollSource, err error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, fmt.Errorf("epoll_create1: %w", err)
@@ -55,7 +72,7 @@ func startEpoll(report func(c *conn, r Reason, at time.Time), log *slog.Logger) 
 		report = func(c *conn, r Reason, at time.Time) { c.report(r, at) }
 	}
 	src := &epollSource{
-		ep: ep, rc: rc, report: report, log: log,
+		ep: ep, rc: rc, report: report, log: log, lazy: lazy,
 		done:  make(chan struct{}),
 		conns: make(map[uint64]*conn),
 	}
@@ -76,8 +93,31 @@ func epollID(ev *unix.EpollEvent) uint64 {
 func (s *epollSource) name() Source { return SourceEpoll }
 
 func (s *epollSource) watch(c *conn) error {
+	if s.lazy {
+		c.epollLazy = true
+		return nil
+	}
+	return s.register(c)
+}
+
+// arm registers a lazily watched connection, once; it is safe from any
+// goroutine, also after unwatch (then it does nothing).
+func (s *epollSource) arm(c *conn) {
+	if !c.epollLazy || c.epollArmed.Swap(true) {
+		return
+	}
+	if err := s.register(c); err != nil {
+		s.log.Debug("connection not watched", "remote", c.nc.RemoteAddr(), "err", err)
+	}
+}
+
+// longLived arms a connection whose request outlived the watchdog's tick:
+// net/http stops reading once a pipelined request arrives.
+func (s *epollSource) longLived(c *conn) { s.arm(c) }
+
+func (s *epollSource) register(c *conn) error {
 	s.mu.Lock()
-	if s.closed {
+	if s.closed || c.epollDone {
 		s.mu.Unlock()
 		return errors.New("epoll source closed")
 	}
@@ -102,8 +142,10 @@ func (s *epollSource) watch(c *conn) error {
 	}
 	if err != nil {
 		s.mu.Lock()
-		delete(s.conns, id)
-		c.epollID = 0
+		if s.conns[id] == c {
+			delete(s.conns, id)
+			c.epollID = 0
+		}
 		s.mu.Unlock()
 		return fmt.Errorf("epoll_ctl: %w", err)
 	}
@@ -115,6 +157,9 @@ func (s *epollSource) watch(c *conn) error {
 // it over).
 func (s *epollSource) unwatch(c *conn) {
 	s.mu.Lock()
+	if c.epollLazy {
+		c.epollDone = true // a later arm registers nothing
+	}
 	id := c.epollID
 	if s.conns[id] != c {
 		s.mu.Unlock()

@@ -72,7 +72,7 @@ func measureSyscalls(ctx context.Context, cfg *config, b *build, rep *report) er
 		} else {
 			row.Target = "≤ 1 dup; listed against bare"
 			row.Verdict = verdict(dups/n <= 1)
-			row.Value = fmt.Sprintf("%.1f syscalls (bare %.1f, +%.1f), %.2f dups", total/n, bareCalls, total/n-bareCalls, dups/n)
+			row.Value = fmt.Sprintf("%.1f syscalls (bare %.1f, %+.1f), %.2f dups", total/n, bareCalls, total/n-bareCalls, dups/n)
 		}
 		row.Note = fmt.Sprintf("%d connections; most frequent: %s", cfg.syscallConns, topCalls(counts, n, 8))
 		rep.add(row)
