@@ -145,3 +145,33 @@ func TestProtocolsConnectionDeath(t *testing.T) {
 		}
 	})
 }
+
+// TestTLSCloseNotifyThenFIN: a TLS client that leaves sends close_notify,
+// then its FIN. net/http's background read ends at the close_notify, before
+// the socket has seen the FIN; the reason still comes out as the client's
+// FIN, not a bare cancellation, from every source (the epoll source, which
+// had not registered the bodiless request's connection, registers it then).
+func TestTLSCloseNotifyThenFIN(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		m := newMonitor(t, Options{Source: src})
+		started, results := make(chan struct{}, 1), make(chan result, 1)
+		ts := serveWith(t, m, loopback(t), waitingHandler(started, results), nil, func(srv *http.Server) {
+			srv.TLSConfig = &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}}
+			srv.Protocols = new(http.Protocols)
+			srv.Protocols.SetHTTP1(true)
+		})
+		c, err := tls.Dial("tcp", ts.addr, &tls.Config{InsecureSkipVerify: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		rawGet(t, c, "/")
+		waitFor(t, started, "handler")
+		if err := c.Close(); err != nil { // close_notify, then FIN
+			t.Fatal(err)
+		}
+		res := waitFor(t, results, "handler result")
+		if res.woke != "ctx" || res.status != StatusAborted || res.reason != ReasonPeerFIN {
+			t.Errorf("got %+v, want ABORTED %s before the handler's wait ended", res, ReasonPeerFIN)
+		}
+	})
+}

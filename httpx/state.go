@@ -249,6 +249,7 @@ func (s *State) writeFailed(err error) {
 			s.abort(r, time.Time{}, fromSocket)
 			return
 		}
+		s.c.arm() // for the source's account, which may follow
 	}
 	switch {
 	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
@@ -600,6 +601,10 @@ func (s *State) parentCanceled() {
 	}
 	switch {
 	case r == ReasonNone:
+		// The socket has not seen the end yet (a TLS client's close_notify
+		// comes before its FIN): a lazy epoll source must listen now to
+		// give the reason AbortReason waits for.
+		c.arm()
 		s.abort(ReasonCanceled, time.Time{}, weak)
 	case r == ReasonPeerFIN && s.m.opts.IgnoreHalfClose && s.proto == 1:
 		// The client may still be reading: the request goes on.
