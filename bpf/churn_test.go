@@ -65,18 +65,37 @@ func BenchmarkConnectionChurn(b *testing.B) {
 	}
 
 	b.Run("baseline", churn)
-	b.Run("probe", func(b *testing.B) { churnWithProbe(b, churn, sample, bpf.Options{}) })
+	b.Run("probe", func(b *testing.B) { churnWithProbe(b, churn, sample, bpf.Options{}, nil) })
 	// As the agent would run it: only watched ports' events wake the reader
 	// (here none is watched).
-	b.Run("probe_wake_watched", func(b *testing.B) { churnWithProbe(b, churn, sample, bpf.Options{WakeWatchedOnly: true}) })
+	b.Run("probe_wake_watched", func(b *testing.B) { churnWithProbe(b, churn, sample, bpf.Options{WakeWatchedOnly: true}, nil) })
+	// As an httpx server loads its own probe, its port watched: every
+	// client's FIN wakes the reader, or (WakeBusyOnly) only those of
+	// connections with a request in flight (here none).
+	watch := func(b *testing.B, p *bpf.Probe) {
+		ns, err := pair.Server.NetNSCookie()
+		if err != nil {
+			b.Fatal(err)
+		}
+		if err := p.Watch(ns, uint16(ln.Addr().(*net.TCPAddr).Port)); err != nil {
+			b.Fatal(err)
+		}
+	}
+	b.Run("own_probe", func(b *testing.B) { churnWithProbe(b, churn, sample, bpf.Options{WatchedOnly: true}, watch) })
+	b.Run("own_probe_wake_busy", func(b *testing.B) {
+		churnWithProbe(b, churn, sample, bpf.Options{WatchedOnly: true, WakeBusyOnly: true}, watch)
+	})
 }
 
 // churnWithProbe runs churn with the probe loaded, as a host runs it (the
 // kernel's BPF statistics off: they cost two clock reads per hook run), then
 // reports the kernel's run time per hook program from an untimed sample of
 // connections made with the statistics on.
-func churnWithProbe(b *testing.B, churn func(*testing.B), sample func(n int) error, opts bpf.Options) {
+func churnWithProbe(b *testing.B, churn func(*testing.B), sample func(n int) error, opts bpf.Options, watch func(*testing.B, *bpf.Probe)) {
 	p := probetest.Load(b, opts)
+	if watch != nil {
+		watch(b, p)
+	}
 	var (
 		wg     sync.WaitGroup
 		events atomic.Uint64

@@ -157,6 +157,16 @@ volatile const __u8 watched_only = 0;
  */
 volatile const __u8 wake_watched_only = 0;
 
+/*
+ * With wake_busy_only, a client-gone event wakes the reader at once only
+ * while its connection has a request in flight, as the process that loaded
+ * the probe counts in the busy map; the rest wait for the reader's poll. A
+ * client that closes an idle keep-alive connection, or closes right after
+ * reading its last response, so costs no wakeup (a self-IPI and the
+ * reader's run). Set by the loader.
+ */
+volatile const __u8 wake_busy_only = 0;
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20); /* resized by the loader */
@@ -199,6 +209,27 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } reader SEC(".maps");
+
+/*
+ * busy holds, per slot (a connection's cookie modulo BUSY_SLOTS), the
+ * number of requests in flight on the slot's connections (BUSY_COUNT bits)
+ * and BUSY_PENDING: an event for one of them went out without a wakeup
+ * while the count was zero. Memory-mapped: the process adds and removes
+ * requests with atomic adds, and a request that starts on a slot with
+ * BUSY_PENDING clears it and asks its socket. An atomic read-modify-write
+ * on either side orders the two: an event either sees the request (and
+ * wakes the reader) or leaves BUSY_PENDING for it to see.
+ */
+#define BUSY_SLOTS 16384
+#define BUSY_PENDING 0x8000000000000000ull
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(map_flags, BPF_F_MMAPABLE);
+	__uint(max_entries, BUSY_SLOTS);
+	__type(key, __u32);
+	__type(value, __u64); /* an array map's values are 8-byte aligned anyway */
+} busy SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
@@ -277,6 +308,30 @@ static __always_inline bool reader_parked(void)
 }
 
 /*
+ * conn_busy reports whether the connection with this cookie may have a
+ * request in flight; when not, it marks its slot BUSY_PENDING, in the same
+ * compare-and-swap that saw the count zero.
+ */
+static __always_inline bool conn_busy(__u64 cookie)
+{
+	__u32 k = (__u32)cookie & (BUSY_SLOTS - 1);
+	__u64 *v = bpf_map_lookup_elem(&busy, &k);
+	if (!v)
+		return true;
+	__u64 old = *(volatile __u64 *)v;
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		if (old & ~BUSY_PENDING)
+			return true; /* a request is in flight: wake, leave no mark */
+		__u64 prev = __sync_val_compare_and_swap(v, old, old | BUSY_PENDING);
+		if (prev == old)
+			return false;
+		old = prev; /* a request started or ended meanwhile: look again */
+	}
+	return true; /* contended: waking is always safe */
+}
+
+/*
  * emit writes one event. lport comes from the tracking entry: the kernel
  * zeroes skc_num when a closing socket releases its port, before the
  * TCP_CLOSE tracepoint fires.
@@ -296,11 +351,14 @@ static __always_inline void emit(const struct sock *sk, __u64 cookie, __u16 lpor
 		struct watch_key wk = { .netns_cookie = netns_cookie, .port = lport };
 		urgent = bpf_map_lookup_elem(&watched, &wk) != NULL;
 	}
+	if (wake_busy_only && urgent && kind != KIND_LISTENER_CLOSED)
+		urgent = conn_busy(cookie);
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_LOST);
 		return;
 	}
+
 	e->ts_ns = bpf_ktime_get_ns();
 	e->cookie = cookie;
 	e->netns_cookie = netns_cookie;

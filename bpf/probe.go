@@ -55,7 +55,22 @@ type Options struct {
 	// machines: an agent that serves a few subscribers watches their
 	// listeners and pays for no other wakeup.
 	WakeWatchedOnly bool
+	// WakeBusyOnly wakes the reader at once for a client-gone event only
+	// while the connection has a request in flight, as the loading process
+	// counts through BusyWord; every other event waits for the next poll
+	// (FlushInterval), unless the reader is idle. A server that loads its
+	// own probe then pays no wakeup for clients that close idle
+	// connections, or close right after their last response.
+	WakeBusyOnly bool
 }
+
+// BusyPending is the bit of a busy word (BusyWord) that the probe sets when
+// it wrote a client-gone event without waking the reader, the count of
+// requests in flight being zero; the other bits hold that count.
+const BusyPending = 1 << 63
+
+// busySlots is the number of busy words (probe.c, BUSY_SLOTS).
+const busySlots = 16384
 
 const (
 	defaultRingBufferSize = 1 << 20
@@ -99,6 +114,8 @@ type Probe struct {
 	idle          bool
 	parkWhenEmpty bool   // tests: park whenever the ring is empty
 	beforeWait    func() // tests: runs just before the poller's read
+
+	busy []uint64 // the busy map, memory-mapped (WakeBusyOnly)
 
 	flush    time.Duration
 	watching bool         // Watch is meaningful: WatchedOnly or WakeWatchedOnly
@@ -151,6 +168,11 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 	if opts.WakeWatchedOnly {
 		if err := spec.Variables[probeVarWakeWatchedOnly].Set(uint8(1)); err != nil {
 			return nil, fmt.Errorf("setting wake-watched-only mode: %w", err)
+		}
+	}
+	if opts.WakeBusyOnly {
+		if err := spec.Variables[probeVarWakeBusyOnly].Set(uint8(1)); err != nil {
+			return nil, fmt.Errorf("setting wake-busy-only mode: %w", err)
 		}
 	}
 	if opts.FlushInterval < 0 {
@@ -223,6 +245,15 @@ func load(opts Options, btfPath string, pick func(*btf.Spec) ([]hook, error)) (_
 		return nil, fmt.Errorf("mapping the reader map: %w", err)
 	}
 	p.parked = (*uint32)(unsafe.Pointer(&p.parkMem[0]))
+	if opts.WakeBusyOnly {
+		// Never unmapped: callers keep words past Close (a request that
+		// ends after the Monitor closed), and the mapping is small.
+		mem, err := unix.Mmap(p.maps.Busy.FD(), 0, busySlots*8, unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			return nil, fmt.Errorf("mapping the busy map: %w", err)
+		}
+		p.busy = unsafe.Slice((*uint64)(unsafe.Pointer(&mem[0])), busySlots)
+	}
 	p.clock.refresh()
 	return p, nil
 }
@@ -408,6 +439,21 @@ func classify(err error) error {
 
 func permissionError(err error) error {
 	return fmt.Errorf("%w: %w (%s)", ErrPermission, err, permissionHint)
+}
+
+// BusyWord returns the word that counts the requests in flight on the
+// connection with this socket cookie, for a probe loaded with
+// WakeBusyOnly (else nil). Words are shared by connections whose cookies
+// fall in the same slot. Add 1 with an atomic add when a request starts,
+// and if the old value had BusyPending, clear it (atomic and) and ask the
+// socket whether the client is still there: an event of the connection may
+// wait in the ring for the next poll. Subtract 1 when the request ends.
+// Words stay valid after Close.
+func (p *Probe) BusyWord(cookie uint64) *uint64 {
+	if p.busy == nil {
+		return nil
+	}
+	return &p.busy[uint32(cookie)&(busySlots-1)]
 }
 
 // Read blocks until the next event and returns it. After Close it returns

@@ -111,6 +111,7 @@ type probeWatchKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	probeMapBusy                = "busy"
 	probeMapConns               = "conns"
 	probeMapEvents              = "events"
 	probeMapPortStats           = "port_stats"
@@ -134,6 +135,7 @@ const (
 	probeVarUnusedPortKey       = "unused_port_key"
 	probeVarUnusedStat          = "unused_stat"
 	probeVarUnusedWatchKey      = "unused_watch_key"
+	probeVarWakeBusyOnly        = "wake_busy_only"
 	probeVarWakeWatchedOnly     = "wake_watched_only"
 	probeVarWakeupBytes         = "wakeup_bytes"
 	probeVarWatchedOnly         = "watched_only"
@@ -196,6 +198,7 @@ type probeProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type probeMapSpecs struct {
+	Busy      *ebpf.MapSpec `ebpf:"busy"`
 	Conns     *ebpf.MapSpec `ebpf:"conns"`
 	Events    *ebpf.MapSpec `ebpf:"events"`
 	PortStats *ebpf.MapSpec `ebpf:"port_stats"`
@@ -216,6 +219,7 @@ type probeVariableSpecs struct {
 	UnusedPortKey   *ebpf.VariableSpec `ebpf:"unused_port_key"`
 	UnusedStat      *ebpf.VariableSpec `ebpf:"unused_stat"`
 	UnusedWatchKey  *ebpf.VariableSpec `ebpf:"unused_watch_key"`
+	WakeBusyOnly    *ebpf.VariableSpec `ebpf:"wake_busy_only"`
 	WakeWatchedOnly *ebpf.VariableSpec `ebpf:"wake_watched_only"`
 	WakeupBytes     *ebpf.VariableSpec `ebpf:"wakeup_bytes"`
 	WatchedOnly     *ebpf.VariableSpec `ebpf:"watched_only"`
@@ -241,6 +245,7 @@ func (o *probeObjects) Close() error {
 //
 // It can be passed to loadProbeObjects or ebpf.CollectionSpec.LoadAndAssign.
 type probeMaps struct {
+	Busy      *ebpf.Map `ebpf:"busy"`
 	Conns     *ebpf.Map `ebpf:"conns"`
 	Events    *ebpf.Map `ebpf:"events"`
 	PortStats *ebpf.Map `ebpf:"port_stats"`
@@ -251,6 +256,7 @@ type probeMaps struct {
 
 func (m *probeMaps) Close() error {
 	return _ProbeClose(
+		m.Busy,
 		m.Conns,
 		m.Events,
 		m.PortStats,
@@ -272,6 +278,7 @@ type probeVariables struct {
 	UnusedPortKey   *ebpf.Variable `ebpf:"unused_port_key"`
 	UnusedStat      *ebpf.Variable `ebpf:"unused_stat"`
 	UnusedWatchKey  *ebpf.Variable `ebpf:"unused_watch_key"`
+	WakeBusyOnly    *ebpf.Variable `ebpf:"wake_busy_only"`
 	WakeWatchedOnly *ebpf.Variable `ebpf:"wake_watched_only"`
 	WakeupBytes     *ebpf.Variable `ebpf:"wakeup_bytes"`
 	WatchedOnly     *ebpf.Variable `ebpf:"watched_only"`

@@ -8,6 +8,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/hangup-io/hangup/httpx/internal/detect"
 	"golang.org/x/sys/unix"
 )
 
@@ -26,7 +27,8 @@ type conn struct {
 	m      *Monitor
 	nc     net.Conn
 	raw    syscall.RawConn
-	cookie uint64 // SO_COOKIE, for sources that report by cookie; 0 if unknown
+	cookie uint64  // SO_COOKIE, for sources that report by cookie; 0 if unknown
+	busy   *uint64 // the in-process probe's count of requests in flight (detect.Busier); nil if none
 
 	state   atomic.Uint32         // connFIN | dead reason << 8
 	cur     atomic.Pointer[State] // the HTTP/1.x request in flight
@@ -216,6 +218,7 @@ func (c *conn) begin(s *State) {
 	}
 	c.seq.Add(1)
 	c.active.Add(1)
+	c.busyAdd()
 	if r := c.gone(); r != ReasonNone {
 		s.abort(r, time.Time{}, fromSource)
 	}
@@ -248,8 +251,33 @@ func (c *conn) end(s *State, body, closing, aborted bool) {
 			c.m.drop.closingSoon(c)
 		}
 	}
+	c.busyDone()
 	if c.active.Add(-1) == 0 && c.closedFlag.Load() {
 		c.released()
+	}
+}
+
+// busyAdd counts a request (or a delivery wait) in flight in the probe's
+// busy word, so that the probe wakes its reader at once for the
+// connection's client-gone events. An event written meanwhile without a
+// wakeup left detect.BusyPending: the socket says what it was.
+func (c *conn) busyAdd() {
+	if c.busy == nil {
+		return
+	}
+	if (atomic.AddUint64(c.busy, 1)-1)&detect.BusyPending == 0 {
+		return
+	}
+	atomic.AndUint64(c.busy, ^uint64(detect.BusyPending))
+	if r := c.askSocket(); r != ReasonNone {
+		c.report(r, time.Now())
+	}
+}
+
+// busyDone ends what busyAdd counted.
+func (c *conn) busyDone() {
+	if c.busy != nil {
+		atomic.AddUint64(c.busy, ^uint64(0))
 	}
 }
 

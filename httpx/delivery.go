@@ -36,6 +36,8 @@ func (s *State) WaitDelivered(ctx context.Context) error {
 	}
 	c := s.c
 	c.arm() // a death must end the wait at once
+	c.busyAdd()
+	defer c.busyDone()
 	c.mu.Lock()
 	c.tune.holds++
 	c.keepLocked()

@@ -385,3 +385,40 @@ func TestEpollRegistersOnlyWhatNetHTTPMisses(t *testing.T) {
 		t.Fatalf("%d connections registered after a POST with a body, want 1", n)
 	}
 }
+
+// TestDetectFINBeforeRequestStarts: the client sends a request with a body
+// and its FIN at once, on a keep-alive connection whose first request
+// ended, so that the FIN can arrive while no request is in flight (the
+// in-process probe then writes its event without waking its reader). The
+// request that starts next is still marked at once.
+func TestDetectFINBeforeRequestStarts(t *testing.T) {
+	forSources(t, func(t *testing.T, src Source) {
+		started, results := make(chan struct{}, 1), make(chan result, 1)
+		wait := waitingHandler(started, results)
+		pair, ts := netServer(t, Options{Source: src}, func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/first" {
+				io.WriteString(w, "ok")
+				return
+			}
+			wait(w, r)
+		})
+		c, err := pair.Client.Dial("tcp", ts.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		rawGet(t, c, "/first")
+		if resp := readResponse(t, c); resp.StatusCode != http.StatusOK {
+			t.Fatalf("first request: %s", resp.Status)
+		}
+		rawRequest(t, c, "/second") // the body is never read
+		if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		waitFor(t, started, "second handler")
+		res := waitFor(t, results, "second result")
+		if res.woke != "ctx" || res.status != StatusAborted || res.reason != ReasonPeerFIN {
+			t.Errorf("got %+v, want ABORTED %s before the handler's wait ended", res, ReasonPeerFIN)
+		}
+	})
+}

@@ -131,6 +131,9 @@ func (s *cookieSource) watch(c *conn) error {
 		c.cookie = 0
 		return err
 	}
+	if b, ok := s.src.(detect.Busier); ok {
+		c.busy = b.BusyWord(c.cookie)
+	}
 	if a, ok := c.nc.LocalAddr().(*net.TCPAddr); ok {
 		key.port = uint16(a.Port)
 	}

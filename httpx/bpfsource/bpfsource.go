@@ -38,6 +38,9 @@ func start(opts detect.BPFOptions, sink detect.Sink, log *slog.Logger) (detect.S
 		// Only this server's connections, and only what says a client
 		// went away: the rest of the host's TCP traffic never reaches it.
 		WatchedOnly: true,
+		// And a wakeup only while the connection has a request in flight
+		// (httpx counts them in the probe's busy words).
+		WakeBusyOnly: true,
 	})
 	if err != nil {
 		return nil, err
@@ -72,6 +75,9 @@ func (s *source) read() {
 func (s *source) WatchPort(netnsCookie uint64, port uint16) error {
 	return s.probe.Watch(netnsCookie, port)
 }
+
+// BusyWord implements detect.Busier.
+func (s *source) BusyWord(cookie uint64) *uint64 { return s.probe.BusyWord(cookie) }
 
 // Track implements detect.Tracker.
 func (s *source) Track(cookie uint64, port uint16) error {

@@ -27,6 +27,9 @@ func TestProbeNumbers(t *testing.T) {
 			t.Errorf("%s: detect has %d, bpf %d", c.name, c.got, c.want)
 		}
 	}
+	if detect.BusyPending != bpf.BusyPending {
+		t.Errorf("busy pending bit: detect has %#x, bpf %#x", uint64(detect.BusyPending), uint64(bpf.BusyPending))
+	}
 	if detect.BPF() == nil {
 		t.Error("importing bpfsource did not register the probe")
 	}

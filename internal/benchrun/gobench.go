@@ -172,6 +172,8 @@ func measureGoBench(ctx context.Context, cfg *config, b *build, rep *report) err
 	for _, v := range []struct{ sub, what string }{
 		{"probe", "default options (every client-gone event wakes the reader)"},
 		{"probe_wake_watched", "as hangupd loads it (WakeWatchedOnly: only subscribers' ports wake it)"},
+		{"own_probe", "as an httpx server loaded it before WakeBusyOnly (WatchedOnly, its port watched: every client's FIN wakes it)"},
+		{"own_probe_wake_busy", "as an httpx server loads it (WatchedOnly, its port watched, WakeBusyOnly: a FIN wakes it only with a request in flight, here none)"},
 	} {
 		name := "BenchmarkConnectionChurn/" + v.sub
 		r := summarize(ratios(ch.all("BenchmarkConnectionChurn/baseline", "conns/s"), ch.all(name, "conns/s")))

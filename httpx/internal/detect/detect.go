@@ -51,6 +51,19 @@ type Tracker interface {
 	Track(cookie uint64, port uint16) error
 }
 
+// Busier is a Source that wakes its reader at once for a client-gone event
+// only while the connection has a request in flight (bpf.Probe.BusyWord):
+// httpx adds 1 to the connection's word when a request starts and
+// subtracts 1 when it ends. A start that finds BusyPending set in the old
+// value clears it and asks the socket: an event may wait for the reader's
+// next poll.
+type Busier interface {
+	BusyWord(cookie uint64) *uint64
+}
+
+// BusyPending is bpf.BusyPending (a test in httpx/bpfsource checks it).
+const BusyPending = 1 << 63
+
 // BPFOptions configures the in-process probe (see bpf.Options).
 type BPFOptions struct {
 	RingBufferSize int
