@@ -364,23 +364,20 @@ func TestEpollRegistersOnlyWhatNetHTTPMisses(t *testing.T) {
 	}
 	client := &http.Client{Transport: &http.Transport{}}
 	defer client.CloseIdleConnections()
-	for range 3 {
-		resp, err := client.Get("http://" + ts.addr + "/")
+	done := func(resp *http.Response, err error) {
 		if err != nil {
 			t.Fatal(err)
 		}
 		io.Copy(io.Discard, resp.Body)
 		resp.Body.Close()
 	}
+	for range 3 {
+		done(client.Get("http://" + ts.addr + "/"))
+	}
 	if n := registered(); n != 0 {
 		t.Fatalf("%d connections registered after GET requests, want 0", n)
 	}
-	resp, err := client.Post("http://"+ts.addr+"/", "text/plain", strings.NewReader("body"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	io.Copy(io.Discard, resp.Body)
-	resp.Body.Close()
+	done(client.Post("http://"+ts.addr+"/", "text/plain", strings.NewReader("body")))
 	if n := registered(); n != 1 {
 		t.Fatalf("%d connections registered after a POST with a body, want 1", n)
 	}

@@ -40,7 +40,7 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.w.s, s.w.rw = s, w
 	if c != nil {
 		c.begin(s)
-		if c.epollLazy && (r.ProtoMajor >= 2 || r.Body != http.NoBody || m.opts.IgnoreHalfClose) {
+		if r.ProtoMajor >= 2 || r.Body != http.NoBody || m.opts.IgnoreHalfClose {
 			// net/http's background read does not cover the request
 			// (see epollSource).
 			c.arm()
